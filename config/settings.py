@@ -1,0 +1,170 @@
+"""Sightline settings, read from the environment.
+
+With no environment set, Sightline runs the *embedded default*: SQLite in the project folder, an
+in-memory channel layer, local quota counters and one in-process worker thread that owns the model
+(the tiny random model built by ``manage.py build_tiny_model``). Setting ``DATABASE_URL`` and
+``REDIS_URL`` switches to production parts (Postgres, Redis, Celery workers).
+
+This module must never import torch or transformers: the web tier does not load them.
+"""
+
+from pathlib import Path
+
+from config.env import env_bool, env_float, env_int, env_list, env_str, parse_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("SIGHTLINE_VAR_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env_str("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("SIGHTLINE_REQUIRE_SECRET_KEY", False):
+        raise RuntimeError("SECRET_KEY must be set in production")
+    # Embedded default and tests: a fixed development key. Production sets SECRET_KEY.
+    SECRET_KEY = "sightline-insecure-development-key-set-SECRET_KEY-in-production"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",  # must come first: its runserver serves ASGI (HTTP + websockets)
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "corsheaders",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "accounts",
+    "inference",
+]
+
+MIDDLEWARE = [
+    "corsheaders.middleware.CorsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- database -------------------------------------------------------------------------------
+DATABASE_URL = env_str("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": parse_database_url(DATABASE_URL)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(VAR_DIR / "sightline.sqlite3"),
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- redis, channels, celery ----------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "")
+EMBEDDED = not REDIS_URL
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 120},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "inference.layers.ThreadSafeInMemoryChannelLayer"}}
+
+# --- inference ------------------------------------------------------------------------------
+TINY_MODEL_DIR = Path(env_str("TINY_MODEL_DIR", str(VAR_DIR / "models" / "tiny-glm4v")))
+# A Hugging Face id or a local path. Production: zai-org/GLM-4.6V-Flash.
+INFERENCE_MODEL = env_str("INFERENCE_MODEL", str(TINY_MODEL_DIR))
+# The name clients use for the model in requests and in /v1/models.
+INFERENCE_MODEL_NAME = env_str("INFERENCE_MODEL_NAME", "glm-4.6v-flash")
+INFERENCE_DEVICE = env_str("INFERENCE_DEVICE", "")  # "" = CUDA when present, else CPU
+INFERENCE_DTYPE = env_str("INFERENCE_DTYPE", "")  # "" = bfloat16 on CUDA, float32 on CPU
+
+MAX_IMAGE_BYTES = env_int("MAX_IMAGE_BYTES", 10 * 1024 * 1024)
+MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000)
+MAX_IMAGE_SIDE = env_int("MAX_IMAGE_SIDE", 448)
+MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 8000)
+MAX_NEW_TOKENS = env_int("MAX_NEW_TOKENS", 1024)
+DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)
+# Remote image URLs are refused unless their host is listed here (no server-side fetching by default).
+IMAGE_URL_ALLOWED_HOSTS = env_list("IMAGE_URL_ALLOWED_HOSTS", [])
+SYNC_TIMEOUT = env_float("SYNC_TIMEOUT", 30.0)
+STREAM_COALESCE_SECONDS = env_float("STREAM_COALESCE_SECONDS", 0.02)
+
+# --- http -----------------------------------------------------------------------------------
+CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", [])
+CORS_URLS_REGEX = r"^/v1/.*$"
+CORS_ALLOW_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id")
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_IMAGE_BYTES * 2 + 1024 * 1024  # base64 JSON bodies are ~4/3 the image
+FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_IMAGE_BYTES + 1024 * 1024
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.FormParser",
+    ],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "inference.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Sightline API",
+    "DESCRIPTION": "A multi-tenant API for the GLM-4.6V-Flash vision-language model.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- the rest -------------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}
