@@ -1,0 +1,117 @@
+"""Handing an accepted query to a worker.
+
+One interface, two implementations chosen by settings, so views and consumers never know which
+runs: the embedded default's in-process worker thread (no ``REDIS_URL``), or Celery workers on a
+Redis queue per model (production; see ``inference/tasks.py``). Callers dispatch only after the
+query row is committed.
+"""
+
+import logging
+import queue
+import socket
+import threading
+
+from django.conf import settings
+from django.db import close_old_connections
+
+logger = logging.getLogger("sightline.dispatch")
+
+
+class ThreadDispatcher:
+    """The embedded default: one background thread of the web process owns the model.
+
+    The thread loads the model once, then runs queries one at a time from an in-process queue
+    (generation is not done inside a request's event loop, and the model is never reloaded).
+    """
+
+    def __init__(self, model_id: str | None = None):
+        self.model_id = model_id or settings.INFERENCE_MODEL
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loaded = threading.Event()
+        self.engine = None
+        self.load_error: str | None = None
+        self.worker_name = f"embedded@{socket.gethostname()}"
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sightline-worker", daemon=True)
+                self._thread.start()
+
+    def submit(self, query_id) -> None:
+        self.start()
+        self._queue.put(query_id)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        self.start()
+        return self._loaded.wait(timeout)
+
+    def status(self) -> dict:
+        return {
+            "mode": "embedded",
+            "model": self.model_id,
+            "model_loaded": self.engine is not None,
+            "model_error": self.load_error,
+            "queue_depth": self._queue.qsize(),
+        }
+
+    def _load(self) -> None:
+        from inference.engine import Engine, EngineError
+
+        try:
+            self.engine = Engine.load(self.model_id, settings.INFERENCE_DEVICE, settings.INFERENCE_DTYPE)
+            logger.info("model %s loaded on %s (%s)", self.model_id, self.engine.device, self.engine.dtype)
+        except EngineError as exc:
+            self.load_error = exc.message
+            logger.error("the embedded worker could not load the model: %s", exc.message)
+        except Exception as exc:  # noqa: BLE001 - reported on /health and in every query's error
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("the embedded worker could not load the model")
+        finally:
+            self._loaded.set()
+
+    def _run(self) -> None:
+        from inference import events, runner
+
+        self._load()
+        publisher = events.Publisher()
+        while True:
+            query_id = self._queue.get()
+            close_old_connections()
+            try:
+                if self.engine is None:
+                    runner.fail(
+                        query_id,
+                        "model_unavailable",
+                        f"The model is not loaded: {self.load_error}",
+                        publisher=publisher,
+                    )
+                else:
+                    runner.execute(query_id, self.engine, publisher, self.worker_name)
+            except Exception:  # the thread must survive any single query
+                logger.exception("embedded worker failed on query %s", query_id)
+                try:
+                    runner.fail(query_id, "internal_error", "The worker failed on this query.", publisher=publisher)
+                except Exception:
+                    logger.exception("could not record the failure of query %s", query_id)
+            finally:
+                close_old_connections()
+
+
+_dispatcher = None
+_dispatcher_lock = threading.Lock()
+
+
+def get_dispatcher():
+    global _dispatcher
+    with _dispatcher_lock:
+        if _dispatcher is None:
+            if settings.EMBEDDED:
+                _dispatcher = ThreadDispatcher()
+            else:
+                from inference.tasks import CeleryDispatcher
+
+                _dispatcher = CeleryDispatcher()
+        return _dispatcher

@@ -1,0 +1,160 @@
+"""Image checks: everything an image must pass before any inference is spent on it.
+
+The order matters: size of the bytes, type by content (magic numbers, never the file name), the
+decoded size read from the header *before* decoding (decompression bombs), then the decode itself
+(truncated files), EXIF orientation, RGB, and the scale-down to ``MAX_IMAGE_SIDE``.
+"""
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from django.conf import settings
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from config.errors import ApiError
+
+# (format PIL knows it by, MIME type, test on the first bytes)
+_SIGNATURES = (
+    ("JPEG", "image/jpeg", lambda b: b[:3] == b"\xff\xd8\xff"),
+    ("PNG", "image/png", lambda b: b[:8] == b"\x89PNG\r\n\x1a\n"),
+    ("WEBP", "image/webp", lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"),
+    ("GIF", "image/gif", lambda b: b[:6] in (b"GIF87a", b"GIF89a")),
+    ("BMP", "image/bmp", lambda b: b[:2] == b"BM"),
+)
+SUPPORTED = "JPEG, PNG, WebP, GIF or BMP"
+_DATA_URI_RE = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An image that passed every check, ready for the model."""
+
+    image: Image.Image  # RGB, EXIF orientation applied, longer side <= MAX_IMAGE_SIDE
+    sha256: str  # of the original bytes
+    format: str  # JPEG, PNG, WEBP, GIF or BMP
+    width: int  # of the original
+    height: int
+    size_bytes: int  # of the original
+
+    def normalised_png(self) -> bytes:
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="PNG", optimize=False)
+        return buffer.getvalue()
+
+
+def _limit_text() -> str:
+    return f"{settings.MAX_IMAGE_BYTES / (1024 * 1024):g} MB"
+
+
+def sniff_format(data: bytes) -> str | None:
+    for name, _mime, test in _SIGNATURES:
+        if test(data):
+            return name
+    return None
+
+
+def check_image(data: bytes) -> CheckedImage:
+    """Validate and normalise image bytes, or raise ``ApiError`` saying what to fix."""
+    if not data:
+        raise ApiError("invalid_image", "The image is empty.", param="image")
+    if len(data) > settings.MAX_IMAGE_BYTES:
+        raise ApiError(
+            "image_too_large",
+            f"The image is {len(data) / (1024 * 1024):.1f} MB; the limit is {_limit_text()}.",
+            param="image",
+        )
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ApiError(
+            "invalid_image",
+            f"The file is not an image of a supported type ({SUPPORTED}); the type is read from the content.",
+            param="image",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            width, height = image.size  # read from the header; nothing decoded yet
+            if width <= 0 or height <= 0:
+                raise ApiError("invalid_image", "The image has no pixels.", param="image")
+            if width * height > settings.MAX_IMAGE_PIXELS:
+                raise ApiError(
+                    "image_too_large",
+                    f"The image is {width}x{height} pixels ({width * height:,}); the limit is "
+                    f"{settings.MAX_IMAGE_PIXELS:,} pixels. Scale it down before sending.",
+                    param="image",
+                )
+            if fmt == "GIF":
+                image.seek(0)  # first frame only
+            image.load()
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError("image_too_large", f"The image is too large to decode safely: {exc}", param="image") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ApiError(
+            "invalid_image",
+            f"The {fmt} image could not be decoded (truncated or corrupt file): {exc}",
+            param="image",
+        ) from exc
+    image = normalise(image)
+    return CheckedImage(
+        image=image,
+        sha256=hashlib.sha256(data).hexdigest(),
+        format=fmt,
+        width=width,
+        height=height,
+        size_bytes=len(data),
+    )
+
+
+def normalise(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, RGB (transparency flattened on white), longer side <= MAX_IMAGE_SIDE."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        image = background
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    side = settings.MAX_IMAGE_SIDE
+    if max(image.size) > side:
+        image = image.copy()
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return image
+
+
+def decode_base64_image(text: str, param: str = "image") -> bytes:
+    """Bytes of an image sent as base64 or as a ``data:`` URI. Remote URLs are refused (no server-side fetch)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError("invalid_image", f"'{param}' must be a base64 string or a data URI.", param=param)
+    text = text.strip()
+    if text.lower().startswith(("http://", "https://")):
+        raise ApiError(
+            "invalid_image",
+            "Remote image URLs are not fetched by this server; send the image as base64 or a data URI "
+            "(data:image/png;base64,...).",
+            param=param,
+        )
+    match = _DATA_URI_RE.match(text)
+    if match:
+        if not match.group("b64"):
+            raise ApiError("invalid_image", "Data URIs must be base64-encoded (';base64,').", param=param)
+        text = text[match.end() :]
+    # Refuse oversize payloads before decoding them: base64 is 4 characters per 3 bytes.
+    if len(text) * 3 // 4 > settings.MAX_IMAGE_BYTES + 3:
+        raise ApiError(
+            "image_too_large",
+            f"The image is about {len(text) * 3 / 4 / (1024 * 1024):.1f} MB; the limit is {_limit_text()}.",
+            param=param,
+        )
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError("invalid_image", f"'{param}' is not valid base64: {exc}", param=param) from exc

@@ -1,0 +1,107 @@
+import uuid
+
+from django.db import models
+from django.utils import timezone
+
+
+class Query(models.Model):
+    """One accepted request: who asked what, the answer, tokens, timings and the outcome."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    class Endpoint(models.TextChoices):
+        GLM_INFER = "glm_infer", "POST /v1/glm/infer"
+        CHAT_COMPLETIONS = "chat_completions", "POST /v1/chat/completions"
+        QUERIES = "queries", "POST /v1/queries"
+        WEBSOCKET = "websocket", "WS /ws/v1/infer"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("accounts.Tenant", on_delete=models.CASCADE, related_name="queries")
+    api_key = models.ForeignKey(
+        "accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="queries"
+    )
+    model = models.CharField(max_length=200)
+    endpoint = models.CharField(max_length=32, choices=Endpoint.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+
+    prompt = models.TextField()
+    params = models.JSONField(default=dict, blank=True)
+
+    image_sha256 = models.CharField(max_length=64, db_index=True)
+    image_format = models.CharField(max_length=16)
+    image_width = models.PositiveIntegerField()
+    image_height = models.PositiveIntegerField()
+    image_bytes = models.PositiveIntegerField()
+
+    answer = models.TextField(blank=True, default="")
+    finish_reason = models.CharField(max_length=16, blank=True, default="")
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    error_code = models.CharField(max_length=32, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=512, blank=True, default="")
+    worker = models.CharField(max_length=200, blank=True, default="", help_text="who ran it")
+
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    first_token_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "queries"
+        indexes = [
+            models.Index(fields=["tenant", "-created_at"], name="query_tenant_created"),
+            models.Index(fields=["api_key", "-created_at"], name="query_key_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    @staticmethod
+    def _seconds(start, end) -> float | None:
+        return None if start is None or end is None else (end - start).total_seconds()
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """Time from acceptance until a worker started it."""
+        return self._seconds(self.created_at, self.started_at)
+
+    @property
+    def first_token_seconds(self) -> float | None:
+        """Time from acceptance to the first streamed token (what a client waits for)."""
+        return self._seconds(self.created_at, self.first_token_at)
+
+    @property
+    def total_seconds(self) -> float | None:
+        """Time from acceptance until the outcome was written."""
+        return self._seconds(self.created_at, self.finished_at)
+
+
+class QueryImage(models.Model):
+    """The normalised image of a query (RGB, scaled down, PNG), kept apart so lists never load it."""
+
+    query = models.OneToOneField(Query, primary_key=True, on_delete=models.CASCADE, related_name="image")
+    content = models.BinaryField()
+    content_type = models.CharField(max_length=32, default="image/png")
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+
+    def __str__(self) -> str:
+        return f"image of {self.query_id}"

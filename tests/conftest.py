@@ -1,0 +1,69 @@
+"""Shared fixtures. The suite runs against the real PostgreSQL named by DATABASE_URL (``make test``)
+and the real Redis named by TEST_REDIS_URL; the model everywhere is the tiny random GLM-4V built
+offline by ``build_tiny_model``. Its answers are noise: tests check shapes, counts and consistency,
+never what the answer says."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests import media
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from inference.tiny_model import build_tiny_model
+
+    return Path(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-glm4v"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _use_tiny_model(tiny_model_dir):
+    """Every test (and the embedded worker thread) serves the tiny model built for this session."""
+    from django.conf import settings
+
+    settings.INFERENCE_MODEL = str(tiny_model_dir)
+    os.environ["INFERENCE_MODEL"] = str(tiny_model_dir)  # for subprocesses (servers, workers)
+
+
+@pytest.fixture
+def tenant(db):
+    from accounts import services
+
+    return services.create_tenant("Acme", slug="acme")
+
+
+@pytest.fixture
+def api_key(tenant):
+    """(ApiKey row, plaintext key)."""
+    from accounts import services
+
+    return services.create_api_key(tenant, "test key")
+
+
+@pytest.fixture
+def api_client():
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def authed_client(api_client, api_key):
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[1]}")
+    return api_client
+
+
+@pytest.fixture
+def png_bytes() -> bytes:
+    return media.png(64, 48)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
