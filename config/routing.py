@@ -1,1 +1,7 @@
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from inference.consumers import InferConsumer
+
+websocket_urlpatterns = [
+    path("ws/v1/infer", InferConsumer.as_asgi()),
+]

@@ -94,11 +94,38 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 120},
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 120, "prefix": "sightline-asgi:"},
         }
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "inference.layers.ThreadSafeInMemoryChannelLayer"}}
+
+# Celery (production): one queue per model, reliability as in DESIGN.md.
+INFERENCE_SOFT_TIME_LIMIT = env_int("INFERENCE_SOFT_TIME_LIMIT", 300)
+INFERENCE_HARD_TIME_LIMIT = env_int("INFERENCE_HARD_TIME_LIMIT", 330)
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_TASK_IGNORE_RESULT = True  # the Query row is the record, not a result backend
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = INFERENCE_SOFT_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = INFERENCE_HARD_TIME_LIMIT
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": INFERENCE_HARD_TIME_LIMIT + 60}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+
+# Workers announce themselves in Redis every WORKER_HEARTBEAT_SECONDS; a worker silent for
+# WORKER_HEARTBEAT_TTL is dead, and the sweeper fails its running queries with worker_lost.
+WORKER_HEARTBEAT_SECONDS = env_float("WORKER_HEARTBEAT_SECONDS", 2.0)
+WORKER_HEARTBEAT_TTL = env_float("WORKER_HEARTBEAT_TTL", 10.0)
+SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 5.0)
+# A query still queued after this long (no worker took it) ends failed/worker_lost.
+MAX_QUEUED_SECONDS = env_float("MAX_QUEUED_SECONDS", 900.0)
+REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "sightline")
 
 # --- inference ------------------------------------------------------------------------------
 TINY_MODEL_DIR = Path(env_str("TINY_MODEL_DIR", str(VAR_DIR / "models" / "tiny-glm4v")))
@@ -108,6 +135,8 @@ INFERENCE_MODEL = env_str("INFERENCE_MODEL", str(TINY_MODEL_DIR))
 INFERENCE_MODEL_NAME = env_str("INFERENCE_MODEL_NAME", "glm-4.6v-flash")
 INFERENCE_DEVICE = env_str("INFERENCE_DEVICE", "")  # "" = CUDA when present, else CPU
 INFERENCE_DTYPE = env_str("INFERENCE_DTYPE", "")  # "" = bfloat16 on CUDA, float32 on CPU
+# The Celery queue of the model; workers for this model consume it (`celery -A config worker -Q ...`).
+INFERENCE_QUEUE = env_str("INFERENCE_QUEUE", f"infer.{INFERENCE_MODEL_NAME}")
 
 MAX_IMAGE_BYTES = env_int("MAX_IMAGE_BYTES", 10 * 1024 * 1024)
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000)

@@ -2,13 +2,14 @@
 
 from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.errors import ApiError
-from inference import serializers, services
+from inference import health, selectors, serializers, services
 from inference.dispatch import get_dispatcher
 from inference.images import decode_base64_image
 from inference.models import Query
@@ -53,6 +54,20 @@ def image_bytes_from(request) -> bytes | None:
     raise ApiError("invalid_image", "'image' must be a file upload, base64 or a data URI.", param="image")
 
 
+def submit_from(request, endpoint: str) -> Query:
+    """Admit the request's query (multipart or JSON) through the shared admission path."""
+    return services.submit(
+        request.auth,
+        endpoint=endpoint,
+        client=client_info(request),
+        prompt=request.data.get("prompt"),
+        image_bytes=image_bytes_from(request),
+        max_tokens=request.data.get("max_tokens"),
+        temperature=request.data.get("temperature"),
+        top_p=request.data.get("top_p"),
+    )
+
+
 class GlmInferView(APIView):
     """``POST /v1/glm/infer``: an image and a question in, the answer out (the original wrapper's shape)."""
 
@@ -82,14 +97,7 @@ class GlmInferView(APIView):
         tags=["inference"],
     )
     def post(self, request):
-        data = services.check_input(
-            prompt=request.data.get("prompt"),
-            image_bytes=image_bytes_from(request),
-            max_tokens=request.data.get("max_tokens"),
-            temperature=request.data.get("temperature"),
-            top_p=request.data.get("top_p"),
-        )
-        query = services.accept(request.auth, data, endpoint=Query.Endpoint.GLM_INFER, client=client_info(request))
+        query = submit_from(request, Query.Endpoint.GLM_INFER)
         query = services.run_sync(query)
         if query.status != Query.Status.SUCCEEDED:
             raise services.error_of(query)
@@ -121,3 +129,73 @@ class HealthView(APIView):
                 "model": settings.INFERENCE_MODEL_NAME,
             }
         )
+
+
+class ReadyView(APIView):
+    """``GET /health/ready``: 200 when the database, Redis and a worker with its model are there, else 503."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="health_ready", responses={200: serializers.ReadySerializer, 503: serializers.ReadySerializer}
+    )
+    def get(self, request):
+        ready, body = health.readiness()
+        return Response(body, status=200 if ready else 503)
+
+
+class QueryPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 20
+    page_size_query_param = "limit"
+    max_page_size = 100
+
+
+class QueryListView(APIView):
+    """``POST /v1/queries`` (an async job: 202, then poll) and ``GET /v1/queries`` (the tenant's, newest first)."""
+
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+
+    @extend_schema(
+        operation_id="queries_create",
+        summary="Submit a query as an async job",
+        request={
+            "multipart/form-data": serializers.InferMultipartSerializer,
+            "application/json": serializers.InferJsonSerializer,
+        },
+        responses={202: serializers.QueryAcceptedSerializer, **_ERRORS},
+        tags=["queries"],
+    )
+    def post(self, request):
+        query = submit_from(request, Query.Endpoint.QUERIES)
+        services.dispatch(query)
+        poll_url = request.build_absolute_uri(f"/v1/queries/{query.pk}")
+        response = Response(
+            {"id": str(query.pk), "object": "query", "status": query.status, "poll_url": poll_url}, status=202
+        )
+        response["Location"] = poll_url
+        return response
+
+    @extend_schema(
+        operation_id="queries_list", responses={200: serializers.QuerySerializer(many=True)}, tags=["queries"]
+    )
+    def get(self, request):
+        paginator = QueryPagination()
+        page = paginator.paginate_queryset(selectors.tenant_queries(request.auth.tenant_id), request, view=self)
+        return paginator.get_paginated_response(serializers.QuerySerializer(page, many=True).data)
+
+
+class QueryDetailView(APIView):
+    """``GET /v1/queries/{id}``: status, answer, usage and timings. Another tenant's id is 404."""
+
+    @extend_schema(
+        operation_id="queries_retrieve",
+        responses={200: serializers.QuerySerializer, 404: serializers.ErrorSerializer},
+        tags=["queries"],
+    )
+    def get(self, request, query_id):
+        query = selectors.tenant_query(request.auth.tenant_id, query_id)
+        if query is None:
+            raise ApiError("not_found", f"No query {query_id} for this key's tenant.")
+        return Response(serializers.QuerySerializer(query).data)

@@ -24,8 +24,9 @@ class ThreadDispatcher:
     (generation is not done inside a request's event loop, and the model is never reloaded).
     """
 
-    def __init__(self, model_id: str | None = None):
+    def __init__(self, model_id: str | None = None, recover_on_start: bool = True):
         self.model_id = model_id or settings.INFERENCE_MODEL
+        self.recover_on_start = recover_on_start
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -33,6 +34,7 @@ class ThreadDispatcher:
         self.engine = None
         self.load_error: str | None = None
         self.worker_name = f"embedded@{socket.gethostname()}"
+        self._cancelled: set[str] = set()
 
     def start(self) -> None:
         with self._lock:
@@ -43,6 +45,13 @@ class ThreadDispatcher:
     def submit(self, query_id) -> None:
         self.start()
         self._queue.put(query_id)
+
+    def cancel(self, query_id) -> None:
+        self._cancelled.add(str(query_id))
+
+    def _stop_check(self, query_id):
+        key = str(query_id)
+        return lambda: key in self._cancelled
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         self.start()
@@ -72,11 +81,29 @@ class ThreadDispatcher:
         finally:
             self._loaded.set()
 
+    def _recover(self, publisher) -> None:
+        """Queries a previous run of this process left behind: running ones end worker_lost, queued ones re-run."""
+        from inference import runner
+        from inference.models import Query
+
+        close_old_connections()
+        for query_id in Query.objects.filter(status=Query.Status.RUNNING, worker=self.worker_name).values_list(
+            "pk", flat=True
+        ):
+            runner.fail(query_id, "worker_lost", "The server stopped while this query ran.", publisher=publisher)
+        for query_id in Query.objects.filter(status=Query.Status.QUEUED).values_list("pk", flat=True):
+            self._queue.put(query_id)
+
     def _run(self) -> None:
         from inference import events, runner
 
         self._load()
         publisher = events.Publisher()
+        if self.recover_on_start:
+            try:
+                self._recover(publisher)
+            except Exception:
+                logger.exception("could not recover queries left by a previous run")
         while True:
             query_id = self._queue.get()
             close_old_connections()
@@ -89,7 +116,10 @@ class ThreadDispatcher:
                         publisher=publisher,
                     )
                 else:
-                    runner.execute(query_id, self.engine, publisher, self.worker_name)
+                    runner.execute(
+                        query_id, self.engine, publisher, self.worker_name, should_stop=self._stop_check(query_id)
+                    )
+                    self._cancelled.discard(str(query_id))
             except Exception:  # the thread must survive any single query
                 logger.exception("embedded worker failed on query %s", query_id)
                 try:

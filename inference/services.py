@@ -111,6 +111,20 @@ def accept(api_key, data: InferenceInput, *, endpoint: str, client: ClientInfo |
     return query
 
 
+def submit(api_key, *, endpoint: str, client: ClientInfo | None = None, **fields) -> Query:
+    """The one admission path of every endpoint: input checks, then the committed ``queued`` row.
+
+    (Authentication happened before, in DRF or the websocket consumer.) Nothing is dispatched yet:
+    a caller that waits subscribes to the query's messages first, then dispatches.
+    """
+    return accept(api_key, check_input(**fields), endpoint=endpoint, client=client)
+
+
+def cancel(query_id) -> None:
+    """Ask the worker running a query to stop; it ends ``failed``/``cancelled`` with the partial answer."""
+    get_dispatcher().cancel(query_id)
+
+
 def dispatch(query: Query) -> None:
     """Hand a committed query to a worker."""
     get_dispatcher().submit(query.pk)

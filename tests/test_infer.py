@@ -80,7 +80,12 @@ def _multipart(client, content: bytes, name: str, prompt: str = "What is this?")
 
 
 BAD_IMAGES = {
-    "text-renamed-jpg": (lambda: b"This is a plain text file, not a picture.\n" * 20, "notes.jpg", 400, "invalid_image"),
+    "text-renamed-jpg": (
+        lambda: b"This is a plain text file, not a picture.\n" * 20,
+        "notes.jpg",
+        400,
+        "invalid_image",
+    ),
     "truncated-png": (lambda: media.png(96, 96)[:9000], "cut.png", 400, "invalid_image"),
     "12-MB-file": (lambda: b"\xff\xd8\xff\xe0" + bytes(12 * 1024 * 1024), "huge.jpg", 413, "image_too_large"),
     "20000x20000-png-bomb": (media.png_bomb, "bomb.png", 413, "image_too_large"),
@@ -151,8 +156,8 @@ def test_unparseable_json_is_invalid_request(authed_client):
 
 def test_model_that_fails_to_load_gives_503_and_a_failed_row(authed_client, png_bytes, tmp_path, settings):
     """A worker without a model answers model_unavailable; the accepted query still ends failed."""
-    from inference.dispatch import ThreadDispatcher
     from inference import dispatch
+    from inference.dispatch import ThreadDispatcher
 
     broken = ThreadDispatcher(model_id=str(tmp_path / "no-such-model"))
     saved, dispatch._dispatcher = dispatch._dispatcher, broken

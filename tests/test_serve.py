@@ -59,7 +59,9 @@ def test_make_serve_prints_a_curl_line_that_works(served):
     curl_lines = [line.strip() for line in output.splitlines() if line.strip().startswith("curl ")]
     assert len(curl_lines) == 1, output
     assert "its answers are noise" in output
-    result = subprocess.run(shlex.split(curl_lines[0]) + ["-w", "\n%{http_code}"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        shlex.split(curl_lines[0]) + ["-w", "\n%{http_code}"], capture_output=True, text=True, timeout=60
+    )
     body_text, status = result.stdout.rsplit("\n", 1)
     assert status == "200", result.stdout
     body = json.loads(body_text)

@@ -5,24 +5,10 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
-from PIL import Image, ImageDraw
 
 from accounts import services
 from accounts.models import Tenant
-
-
-def draw_sample_image(path: Path) -> Path:
-    """A small picture (a sun over a house) to ask about."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", (320, 240), (135, 206, 235))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, 180, 320, 240), fill=(60, 160, 60))
-    draw.ellipse((240, 20, 300, 80), fill=(255, 215, 0))
-    draw.rectangle((90, 110, 190, 190), fill=(180, 70, 50))
-    draw.polygon([(80, 110), (140, 60), (200, 110)], fill=(120, 40, 30))
-    draw.rectangle((125, 150, 150, 190), fill=(90, 50, 20))
-    image.save(path, format="PNG")
-    return path
+from inference.samples import sample_png
 
 
 class Command(BaseCommand):
@@ -35,7 +21,9 @@ class Command(BaseCommand):
     def handle(self, *args, host, port, **options):
         tenant = Tenant.objects.filter(slug="demo").first() or services.create_tenant("Demo", slug="demo")
         _, plaintext = services.create_api_key(tenant, "quickstart")
-        image = draw_sample_image(Path(settings.VAR_DIR) / "demo.png")
+        image = Path(settings.VAR_DIR) / "demo.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(sample_png())
         url = f"http://{host}:{port}/v1/glm/infer"
         self.stdout.write(
             "\n".join(

@@ -1,0 +1,194 @@
+"""End-to-end benchmark: the real stack (Daphne + Redis + a Celery worker + PostgreSQL) against the
+engine called directly, in the same run, on the same image and settings.
+
+    .venv/bin/python bench/e2e.py [--requests 40] [--concurrency 4] [--max-tokens 32]
+
+It creates (and drops) a database `sightline_bench` on the local PostgreSQL and uses Redis
+database 14. The model is the tiny random model from build_tiny_model unless INFERENCE_MODEL is set:
+its answers are noise, and on the CPU its speed is nothing like GLM-4.6V-Flash on a GPU; the
+figures show what the platform adds around the engine.
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+BENCH_DB = "sightline_bench"
+
+
+def pct(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def fmt(values):
+    p50, p99, mean = pct(values, 50) * 1000, pct(values, 99) * 1000, statistics.mean(values) * 1000
+    return f"p50 {p50:8.1f} ms   p99 {p99:8.1f} ms   mean {mean:8.1f} ms"
+
+
+def setup_database():
+    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {BENCH_DB}"], check=True)
+    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"CREATE DATABASE {BENCH_DB}"], check=True)
+    env = {**os.environ, "DATABASE_URL": f"{PG}/{BENCH_DB}"}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)
+    subprocess.run(
+        [sys.executable, "manage.py", "build_tiny_model"], cwd=REPO, env=env, check=True, capture_output=True
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    setup_database()
+    os.environ["DATABASE_URL"] = f"{PG}/{BENCH_DB}"
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from inference.engine import Engine, GenerationParams
+
+    from accounts import services as accounts
+    from inference.samples import sample_png
+    from tests.stack import Stack
+
+    model = settings.INFERENCE_MODEL
+    png = sample_png()
+    image_b64 = base64.b64encode(png).decode()
+    tenant = accounts.create_tenant(
+        "Bench",
+        slug="bench",
+        requests_per_minute=None,
+        requests_per_day=None,
+        tokens_per_month=None,
+        max_concurrent_requests=None,
+    )
+    key = accounts.create_api_key(tenant, "bench")[1]
+    body = json.dumps(
+        {"image": image_b64, "prompt": "What is in this picture?", "max_tokens": args.max_tokens}
+    ).encode()
+
+    # --- the engine alone ----------------------------------------------------------------------
+    from inference.images import check_image
+
+    image = check_image(png).image
+    engine = Engine.load(model)
+    params = GenerationParams(max_new_tokens=args.max_tokens)
+    engine.generate(image, "warm up", params)
+    engine_latency, engine_ttft, engine_tokens = [], [], []
+    for _ in range(args.requests):
+        start = time.perf_counter()
+        generation = engine.stream(image, "What is in this picture?", params)
+        first = None
+        for _delta in generation:
+            first = first or time.perf_counter()
+        engine_latency.append(time.perf_counter() - start)
+        engine_ttft.append((first or time.perf_counter()) - start)
+        engine_tokens.append(generation.result.completion_tokens)
+
+    # --- the platform --------------------------------------------------------------------------
+    log_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-"))
+    stack = Stack(log_dir, database=f"{PG}/{BENCH_DB}", INFERENCE_MODEL=model)
+    stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + "/14"
+    stack.env["REDIS_URL"] = stack.redis_url
+    stack.start_web()
+    stack.start_worker("bench")
+    try:
+        stack.wait_ready()
+
+        def one(_):
+            request = urllib.request.Request(
+                stack.url + "/v1/glm/infer",
+                data=body,
+                method="POST",
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+            )
+            start = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=120) as response:
+                payload = json.load(response)
+            assert payload["code"] == 0, payload
+            return time.perf_counter() - start
+
+        one(0)  # warm up
+        results = {}
+        for concurrency in sorted({1, args.concurrency}):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                latencies = list(pool.map(one, range(args.requests)))
+            results[concurrency] = (latencies, args.requests / (time.perf_counter() - started))
+
+        import websockets
+
+        async def ws_ttft():
+            values = []
+            async with websockets.connect(
+                stack.ws_url + "/ws/v1/infer", additional_headers={"Authorization": f"Bearer {key}"}, max_size=None
+            ) as ws:
+                await ws.recv()
+                for _ in range(args.requests):
+                    start = time.perf_counter()
+                    await ws.send(
+                        json.dumps(
+                            {
+                                "type": "infer",
+                                "prompt": "What is in this picture?",
+                                "image": image_b64,
+                                "max_tokens": args.max_tokens,
+                            }
+                        )
+                    )
+                    first = None
+                    while True:
+                        frame = json.loads(await ws.recv())
+                        if frame["type"] == "token" and first is None:
+                            first = time.perf_counter() - start
+                        if frame["type"] in ("done", "error"):
+                            break
+                    values.append(first if first is not None else time.perf_counter() - start)
+            return values
+
+        websocket_ttft = asyncio.run(ws_ttft())
+    finally:
+        stack.stop()
+
+    engine_rps = 1 / statistics.mean(engine_latency)
+    print(f"\nSightline end-to-end benchmark  (model: {model}; tiny random model => answers are noise)")
+    print(
+        f"requests per run: {args.requests}, max_tokens: {args.max_tokens}, "
+        f"mean completion tokens: {statistics.mean(engine_tokens):.1f}, device: {engine.device}"
+    )
+    print(f"\nengine direct (1 stream)        {engine_rps:7.2f} req/s   {fmt(engine_latency)}")
+    for concurrency, (latencies, rps) in results.items():
+        print(f"platform, concurrency {concurrency:<3}      {rps:7.2f} req/s   {fmt(latencies)}")
+    latencies_1 = results[1][0]
+    overhead = pct(latencies_1, 50) - pct(engine_latency, 50)
+    print(
+        f"\nplatform overhead per request (concurrency 1, p50): {overhead * 1000:.1f} ms "
+        f"(ratio platform/engine {pct(latencies_1, 50) / pct(engine_latency, 50):.2f}x)"
+    )
+    print(f"time to first token: engine {fmt(engine_ttft)}")
+    print(f"                     websocket {fmt(websocket_ttft)}")
+    print(f"first-token overhead (p50): {(pct(websocket_ttft, 50) - pct(engine_ttft, 50)) * 1000:.1f} ms")
+    print(f"\n(logs of the web and worker processes: {log_dir})")
+
+
+if __name__ == "__main__":
+    main()

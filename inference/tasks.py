@@ -1,0 +1,128 @@
+"""Celery: the task that runs a query, the worker's start-up (the model is loaded once, before any
+work is taken), and the dispatcher the web tier uses when ``REDIS_URL`` is set.
+
+Start a worker per GPU:  ``celery -A config worker -Q infer.glm-4.6v-flash --pool solo``.
+"""
+
+import logging
+import os
+import sys
+import threading
+import time
+
+from celery import shared_task
+from celery.signals import worker_init, worker_shutdown
+from django.conf import settings
+from django.db import close_old_connections
+
+from config.celery import app  # noqa: F401 - the configured app, also in the web process
+from inference import events, runner, workers
+
+logger = logging.getLogger("sightline.tasks")
+
+
+class _WorkerState:
+    engine = None
+    name = ""
+    started = 0.0
+    current_query: str | None = None
+    heartbeat: workers.HeartbeatThread | None = None
+    publisher: events.Publisher | None = None
+
+
+state = _WorkerState()
+
+
+def _heartbeat_info() -> dict:
+    return {
+        "name": state.name,
+        "queue": settings.INFERENCE_QUEUE,
+        "model": settings.INFERENCE_MODEL_NAME,
+        "model_path": settings.INFERENCE_MODEL,
+        "model_loaded": state.engine is not None,
+        "device": getattr(state.engine, "device", None),
+        "pid": os.getpid(),
+        "started": state.started,
+        "current_query": state.current_query,
+    }
+
+
+@worker_init.connect
+def load_model_on_start(sender=None, **kwargs):
+    """Load the model once, before the worker takes any work; exit with a clear message if it can't."""
+    from inference.engine import Engine, EngineError
+
+    hostname = getattr(sender, "hostname", None) or f"worker@{os.uname().nodename}"
+    state.name = f"{hostname}:{os.getpid()}"
+    state.started = time.time()
+    try:
+        state.engine = Engine.load(settings.INFERENCE_MODEL, settings.INFERENCE_DEVICE, settings.INFERENCE_DTYPE)
+    except EngineError as exc:
+        print(f"sightline worker: cannot load the model, not taking work: {exc.message}", file=sys.stderr, flush=True)
+        os._exit(3)
+    logger.info(
+        "sightline worker %s: model %s loaded on %s, queue %s",
+        state.name,
+        settings.INFERENCE_MODEL,
+        state.engine.device,
+        settings.INFERENCE_QUEUE,
+    )
+    state.publisher = events.Publisher()
+    state.heartbeat = workers.HeartbeatThread(state.name, _heartbeat_info, publisher=state.publisher)
+    state.heartbeat.start()
+
+
+@worker_shutdown.connect
+def stop_heartbeat(**kwargs):
+    if state.heartbeat is not None:
+        state.heartbeat.stop()
+
+
+@shared_task(name="inference.run_query", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_query(query_id: str) -> str | None:
+    """Run one query by id. Idempotent: a query already claimed or finished is not run again."""
+    if state.engine is None:  # only in a process that skipped worker start-up
+        raise RuntimeError("this process has no model loaded")
+    close_old_connections()
+    state.current_query = query_id
+    try:
+        return runner.execute(
+            query_id,
+            state.engine,
+            state.publisher,
+            state.name,
+            should_stop=workers.cancel_checker(query_id),
+        )
+    finally:
+        state.current_query = None
+        close_old_connections()
+
+
+class CeleryDispatcher:
+    """Production: queries go to the Redis queue of their model; GPU workers take them."""
+
+    def __init__(self):
+        self.queue = settings.INFERENCE_QUEUE
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, query_id) -> None:
+        run_query.apply_async(args=[str(query_id)], queue=self.queue)
+
+    def cancel(self, query_id) -> None:
+        workers.request_cancel(query_id)
+
+    def status(self) -> dict:
+        try:
+            live = [w for w in workers.live_workers() if w.get("queue") == self.queue]
+        except Exception:  # noqa: BLE001 - Redis down: no worker can be seen
+            live = []
+        return {
+            "mode": "celery",
+            "model": settings.INFERENCE_MODEL_NAME,
+            "model_loaded": any(w.get("model_loaded") for w in live),
+            "workers": len(live),
+            "queue": self.queue,
+        }

@@ -1,0 +1,140 @@
+"""The production stack for tests, as real processes: Daphne serving config.asgi, and Celery
+workers (`celery -A config worker --pool solo`), on the test PostgreSQL database and a Redis
+database of their own. The model is the tiny random one (its answers are noise)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from tests.conftest import REPO, free_port
+
+REDIS_TEST_DB = 15
+
+
+def database_url() -> str:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def redis_base_url() -> str:
+    return os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+
+
+class Stack:
+    """A web process and any number of workers sharing one queue, key prefix and Redis database."""
+
+    def __init__(self, log_dir: Path, database: str | None = None, **extra_env):
+        self.log_dir = log_dir
+        self.tag = uuid.uuid4().hex[:8]
+        self.redis_url = f"{redis_base_url()}/{REDIS_TEST_DB}"
+        self.queue = f"infer.test-{self.tag}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
+            "DATABASE_URL": database or database_url(),
+            "REDIS_URL": self.redis_url,
+            "INFERENCE_QUEUE": self.queue,
+            "REDIS_KEY_PREFIX": f"sightline-test-{self.tag}",
+            "WORKER_HEARTBEAT_SECONDS": "0.5",
+            "WORKER_HEARTBEAT_TTL": "3",
+            "SWEEP_INTERVAL_SECONDS": "1",
+            "PYTHONUNBUFFERED": "1",
+            **extra_env,
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.port: int | None = None
+
+    # --- processes -------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - owned by the process
+        process = subprocess.Popen(
+            argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def start_web(self) -> int:
+        self.port = free_port()
+        self._spawn(
+            "web", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"]
+        )
+        return self.port
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "-Q",
+            self.queue,
+            "--pool",
+            "solo",
+            "-n",
+            f"{name}-{self.tag}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+        ]
+        return self._spawn(name, argv)
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        process = self.processes.pop(name)
+        os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            try:
+                self.kill(name, signal.SIGTERM)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self.kill(name, signal.SIGKILL)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text()
+
+    # --- http ----------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def get_json(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+    def wait_ready(self, workers: int = 1, timeout: float = 120) -> dict:
+        """Wait (bounded) until /health/ready sees `workers` live workers with the model loaded."""
+        deadline = time.monotonic() + timeout
+        body: dict = {}
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited early:\n{self.log(name)}")
+            try:
+                status, body = self.get_json("/health/ready")
+                queue = body.get("queues", {}).get(self.queue, {})
+                if status == 200 and queue.get("workers", 0) >= workers:
+                    return body
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"stack not ready: {body}\n" + "\n".join(self.log(n) for n in self.processes))

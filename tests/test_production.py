@@ -1,0 +1,318 @@
+"""The production path with real processes: Daphne + Celery worker + Redis + PostgreSQL.
+
+The tiny model's answers are random noise; tests check frames, order, rows and codes."""
+
+import asyncio
+import base64
+import json
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import websockets
+
+from accounts import services as accounts
+from inference.models import Query
+from tests import media
+from tests.conftest import free_port
+from tests.stack import Stack
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="session")
+def live_stack(django_db_setup, django_db_blocker, tmp_path_factory, tiny_model_dir):
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    stack.start_web()
+    stack.start_worker("w1")
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def key(tenant):
+    return accounts.create_api_key(tenant, "prod")[1]
+
+
+def _image_b64(seed=0) -> str:
+    return base64.b64encode(media.encode(media.image(64, 64, seed=seed), "PNG")).decode()
+
+
+def post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def get_json(url: str, key: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def wait_finished(query_id, timeout=120) -> Query:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        query = Query.objects.get(pk=query_id)
+        if query.is_finished:
+            return query
+        time.sleep(0.2)
+    raise AssertionError(f"query {query_id} did not finish: {Query.objects.get(pk=query_id).status}")
+
+
+def test_rest_infer_runs_on_the_celery_worker(live_stack, key):
+    status, body = post_json(
+        live_stack.url + "/v1/glm/infer", {"image": _image_b64(), "prompt": "What?", "max_tokens": 8}, key
+    )
+    assert status == 200, body
+    assert body["code"] == 0 and body["result"]
+    query = Query.objects.get(pk=body["query_id"])
+    assert query.status == Query.Status.SUCCEEDED and query.answer == body["result"]
+    assert query.worker.startswith("w1-")
+
+
+async def _stream(
+    ws_url, key, prompt="Describe the picture.", max_tokens=24, seed=0, cancel_after=None, close_after=None
+):
+    """Run one query over the websocket; returns the frames received."""
+    frames = []
+    async with websockets.connect(
+        ws_url + "/ws/v1/infer", additional_headers={"Authorization": f"Bearer {key}"}, max_size=None
+    ) as ws:
+        frames.append(json.loads(await ws.recv()))  # ready
+        await ws.send(
+            json.dumps({"type": "infer", "prompt": prompt, "image": _image_b64(seed), "max_tokens": max_tokens})
+        )
+        tokens = 0
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            frames.append(frame)
+            if frame["type"] == "token":
+                tokens += 1
+                if cancel_after is not None and tokens == cancel_after:
+                    await ws.send(json.dumps({"type": "cancel"}))
+                if close_after is not None and tokens == close_after:
+                    return frames  # leaving the block closes the connection
+            if frame["type"] in ("done", "error"):
+                return frames
+
+
+def test_websocket_streams_tokens_in_order_that_join_to_the_answer(live_stack, key):
+    frames = asyncio.run(_stream(live_stack.ws_url, key))
+    kinds = [f["type"] for f in frames]
+    assert kinds[0] == "ready" and kinds[1] == "queued" and kinds[-1] == "done", kinds
+    assert "token" in kinds
+    assert kinds.index("token") > kinds.index("queued")
+    query_id = frames[1]["query_id"]
+    assert all(f["query_id"] == query_id for f in frames[1:])
+    text = "".join(f["text"] for f in frames if f["type"] == "token")
+    done = frames[-1]
+    assert text == done["result"]
+    query = Query.objects.get(pk=query_id)
+    assert query.answer == text and query.endpoint == Query.Endpoint.WEBSOCKET
+    assert done["usage"]["completion_tokens"] == query.completion_tokens
+    assert done["cost_time"] > 0
+
+
+def test_two_tenants_streaming_at_once_never_see_each_others_frames(live_stack, key):
+    other_key = accounts.create_api_key(accounts.create_tenant("Other", slug="other"), "k")[1]
+
+    async def both():
+        return await asyncio.gather(
+            _stream(live_stack.ws_url, key, seed=1, max_tokens=32),
+            _stream(live_stack.ws_url, other_key, seed=2, max_tokens=32),
+        )
+
+    first, second = asyncio.run(both())
+    for frames, slug in ((first, "acme"), (second, "other")):
+        query_id = frames[1]["query_id"]
+        assert frames[-1]["type"] == "done"
+        assert {f.get("query_id") for f in frames[1:]} == {query_id}
+        assert Query.objects.get(pk=query_id).tenant.slug == slug
+    assert first[1]["query_id"] != second[1]["query_id"]
+
+
+def test_cancel_stops_generation_and_keeps_the_partial_answer(live_stack, key):
+    frames = asyncio.run(_stream(live_stack.ws_url, key, max_tokens=1000, cancel_after=1))
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "cancelled", frames[-1]
+    query = wait_finished(frames[1]["query_id"])
+    assert query.status == Query.Status.FAILED and query.error_code == "cancelled"
+    assert query.answer  # the partial answer is kept
+    assert query.completion_tokens < 1000
+
+
+def test_disconnect_cancels_the_query(live_stack, key):
+    frames = asyncio.run(_stream(live_stack.ws_url, key, max_tokens=1000, close_after=1))
+    query = wait_finished(frames[1]["query_id"])
+    assert query.status == Query.Status.FAILED and query.error_code == "cancelled"
+    assert query.completion_tokens < 1000
+
+
+def test_websocket_auth_by_first_frame_and_refusal(live_stack, key):
+    async def run():
+        async with websockets.connect(live_stack.ws_url + "/ws/v1/infer") as ws:
+            await ws.send(json.dumps({"type": "infer", "prompt": "x"}))
+            refused = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "auth", "api_key": key}))
+            ready = json.loads(await ws.recv())
+        async with websockets.connect(live_stack.ws_url + "/ws/v1/infer") as ws:
+            await ws.send(json.dumps({"type": "auth", "api_key": "sl_AAAAAAAA_" + "a" * 32}))
+            bad = json.loads(await ws.recv())
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+        return refused, ready, bad, closed.value.rcvd.code
+
+    refused, ready, bad, close_code = asyncio.run(run())
+    assert refused["type"] == "error" and refused["code"] == "unauthorized"
+    assert ready == {"type": "ready"}
+    assert bad["code"] == "unauthorized" and close_code == 4401
+
+
+def test_websocket_bad_input_gets_an_error_frame(live_stack, key):
+    async def run():
+        async with websockets.connect(live_stack.ws_url + "/ws/v1/infer", additional_headers={"X-API-Key": key}) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "infer", "prompt": "", "image": _image_b64()}))
+            return json.loads(await ws.recv())
+
+    frame = asyncio.run(run())
+    assert frame["type"] == "error" and frame["code"] == "invalid_request"
+    assert Query.objects.count() == 0
+
+
+def test_async_job_202_then_poll_to_succeeded(live_stack, key):
+    status, body = post_json(
+        live_stack.url + "/v1/queries", {"image": _image_b64(), "prompt": "What?", "max_tokens": 8}, key
+    )
+    assert status == 202, body
+    assert body["poll_url"].endswith(f"/v1/queries/{body['id']}")
+    for _ in range(300):
+        status, polled = get_json(body["poll_url"], key)
+        assert status == 200
+        if polled["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.1)
+    assert polled["status"] == "succeeded"
+    assert polled["answer"] and polled["usage"]["completion_tokens"] > 0
+    assert polled["timings"]["total_seconds"] > 0
+    status, listing = get_json(live_stack.url + "/v1/queries", key)
+    assert status == 200 and listing["results"][0]["id"] == body["id"]
+    other_key = accounts.create_api_key(accounts.create_tenant("Other", slug="other"), "k")[1]
+    status, hidden = get_json(body["poll_url"], other_key)
+    assert status == 404 and hidden["code"] == "not_found"
+    assert get_json(live_stack.url + "/v1/queries", other_key)[1]["results"] == []
+
+
+def test_killed_worker_loses_nothing(tenant, key, tmp_path, django_db_blocker):
+    """SIGKILL a worker mid-generation: of 20 queries, every row ends succeeded or failed with a reason."""
+    stack = Stack(tmp_path)
+    stack.start_web()
+    stack.start_worker("doomed")
+    try:
+        stack.wait_ready()
+        ids = []
+        for i in range(20):
+            status, body = post_json(
+                stack.url + "/v1/queries", {"image": _image_b64(i), "prompt": f"q{i}", "max_tokens": 200}, key
+            )
+            assert status == 202, body
+            ids.append(body["id"])
+        for _ in range(600):  # wait (bounded) until one is running on the doomed worker
+            if Query.objects.filter(status=Query.Status.RUNNING).exists():
+                break
+            time.sleep(0.05)
+        stack.kill("doomed")
+        stack.start_worker("rescuer")
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if Query.objects.filter(pk__in=ids, status__in=[Query.Status.QUEUED, Query.Status.RUNNING]).count() == 0:
+                break
+            time.sleep(0.5)
+        rows = list(Query.objects.filter(pk__in=ids))
+        assert len(rows) == 20
+        assert all(q.status in (Query.Status.SUCCEEDED, Query.Status.FAILED) for q in rows), [q.status for q in rows]
+        assert all(q.error_code for q in rows if q.status == Query.Status.FAILED)
+        lost = [q for q in rows if q.error_code == "worker_lost"]
+        assert len(lost) == 1 and lost[0].worker.startswith("doomed-")
+    finally:
+        stack.stop()
+
+
+def test_ready_is_503_when_redis_is_down(settings, api_client, tmp_path):
+    from inference.dispatch import get_dispatcher
+
+    get_dispatcher().wait_loaded(120)
+    port = free_port()
+    redis = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            response = api_client.get("/health/ready")
+            if response.json()["redis"]:
+                break
+            time.sleep(0.1)
+        assert response.status_code == 200, response.json()
+        assert response.json()["database"] is True
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+    response = api_client.get("/health/ready")
+    assert response.status_code == 503
+    assert response.json()["redis"] is False and response.json()["status"] == "unavailable"
+
+
+def test_sweeper_fails_queries_of_dead_workers(tenant, api_key):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from inference import services, workers
+
+    data = services.check_input(prompt="x", image_bytes=media.png(8, 8))
+    query = services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
+    Query.objects.filter(pk=query.pk).update(
+        status=Query.Status.RUNNING, worker="ghost@nowhere", started_at=timezone.now() - timedelta(minutes=5)
+    )
+    alive = services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
+    Query.objects.filter(pk=alive.pk).update(
+        status=Query.Status.RUNNING, worker="alive@here", started_at=timezone.now() - timedelta(minutes=5)
+    )
+    ended = workers.sweep(live_names={"alive@here"})
+    assert ended["worker_lost"] == 1
+    query.refresh_from_db()
+    assert (
+        query.status == Query.Status.FAILED
+        and query.error_code == "worker_lost"
+        and "ghost@nowhere" in query.error_message
+    )
+    assert Query.objects.get(pk=alive.pk).status == Query.Status.RUNNING
