@@ -171,7 +171,9 @@ class Engine:
         except FileNotFoundError:
             raise ModelLoadError(f"Could not load the model from '{self.model_id}': config.json is missing.") from None
         except (ValueError, OSError) as exc:
-            raise ModelLoadError(f"Could not load the model from '{self.model_id}': config.json is invalid ({exc}).")
+            raise ModelLoadError(
+                f"Could not load the model from '{self.model_id}': config.json is invalid ({exc})."
+            ) from exc
 
     def _load(self) -> None:
         import torch

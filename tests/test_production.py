@@ -316,3 +316,16 @@ def test_sweeper_fails_queries_of_dead_workers(tenant, api_key):
         and "ghost@nowhere" in query.error_message
     )
     assert Query.objects.get(pk=alive.pk).status == Query.Status.RUNNING
+
+
+def test_websocket_from_a_foreign_web_page_is_refused(live_stack, key):
+    async def connect(origin):
+        async with websockets.connect(
+            live_stack.ws_url + "/ws/v1/infer", origin=origin, additional_headers={"X-API-Key": key}
+        ) as ws:
+            return json.loads(await ws.recv())
+
+    assert asyncio.run(connect(f"http://localhost:{live_stack.port}"))["type"] == "ready"
+    with pytest.raises(websockets.InvalidStatus) as info:
+        asyncio.run(connect("https://evil.example.com"))
+    assert info.value.response.status_code == 403

@@ -11,7 +11,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--out", default=str(settings.TINY_MODEL_DIR), help="folder to write (default: %(default)s)")
+        parser.add_argument(
+            "--out", default=str(settings.TINY_MODEL_DIR), help="folder to write (default: %(default)s)"
+        )
         parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds a model")
         parser.add_argument("--seed", type=int, default=0)
 
