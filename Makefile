@@ -32,6 +32,7 @@ serve: install
 
 # The whole suite, against the local Postgres and Redis (started when they are down).
 test: install
+	$(VENV)/bin/ruff check .
 	scripts/ensure-services
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
 
