@@ -16,12 +16,17 @@ class Tenant(models.Model):
     requests_per_day = models.PositiveIntegerField(null=True, blank=True, default=10_000)
     tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True, default=2_000_000)
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True, default=4)
+    # The model names this tenant may use; empty means every model the platform serves.
+    allowed_models = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["name"]
 
     def __str__(self) -> str:
         return self.name
+
+    def may_use(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
 
 
 class Membership(models.Model):

@@ -147,6 +147,11 @@ DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)
 # Remote image URLs are refused unless their host is listed here (no server-side fetching by default).
 IMAGE_URL_ALLOWED_HOSTS = env_list("IMAGE_URL_ALLOWED_HOSTS", [])
 SYNC_TIMEOUT = env_float("SYNC_TIMEOUT", 30.0)
+# Token reservations (quotas) bound a query's prompt tokens from above: the prompt's UTF-8 bytes,
+# plus at most IMAGE_TOKEN_BOUND for the image (GLM: one token per 28x28 pixels after scaling to
+# MAX_IMAGE_SIDE) and TEMPLATE_TOKEN_BOUND for the chat template.
+IMAGE_TOKEN_BOUND = env_int("IMAGE_TOKEN_BOUND", (MAX_IMAGE_SIDE // 28 + 1) ** 2 + 2)
+TEMPLATE_TOKEN_BOUND = env_int("TEMPLATE_TOKEN_BOUND", 32)
 STREAM_COALESCE_SECONDS = env_float("STREAM_COALESCE_SECONDS", 0.02)
 
 # --- http -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The REST API. Views stay thin: parse, call a service, render."""
 
 from django.conf import settings
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -33,6 +34,12 @@ def client_info(request) -> services.ClientInfo:
     return services.ClientInfo(
         ip=request.META.get("REMOTE_ADDR") or None, user_agent=request.META.get("HTTP_USER_AGENT", "")
     )
+
+
+def with_rate_headers(response, query: Query):
+    for name, value in getattr(query, "rate_limit_headers", {}).items():
+        response[name] = value
+    return response
 
 
 def image_bytes_from(request) -> bytes | None:
@@ -98,18 +105,15 @@ class GlmInferView(APIView):
     )
     def post(self, request):
         query = submit_from(request, Query.Endpoint.GLM_INFER)
-        query = services.run_sync(query)
-        if query.status != Query.Status.SUCCEEDED:
-            raise services.error_of(query)
-        return Response(
-            {
-                "result": query.answer,
-                "code": 0,
-                "cost_time": round(query.total_seconds or 0.0, 3),
-                "query_id": str(query.pk),
-                "usage": services.usage(query),
-            }
-        )
+        done = services.run_sync_or_raise(query)
+        body = {
+            "result": done.answer,
+            "code": 0,
+            "cost_time": round(done.total_seconds or 0.0, 3),
+            "query_id": str(done.pk),
+            "usage": services.usage(done),
+        }
+        return with_rate_headers(Response(body), query)
 
 
 class HealthView(APIView):
@@ -175,7 +179,7 @@ class QueryListView(APIView):
             {"id": str(query.pk), "object": "query", "status": query.status, "poll_url": poll_url}, status=202
         )
         response["Location"] = poll_url
-        return response
+        return with_rate_headers(response, query)
 
     @extend_schema(
         operation_id="queries_list", responses={200: serializers.QuerySerializer(many=True)}, tags=["queries"]
@@ -199,3 +203,43 @@ class QueryDetailView(APIView):
         if query is None:
             raise ApiError("not_found", f"No query {query_id} for this key's tenant.")
         return Response(serializers.QuerySerializer(query).data)
+
+
+class UsageView(APIView):
+    """``GET /v1/usage``: this key's counters against each quota, and its tenant's usage this month."""
+
+    @extend_schema(operation_id="usage", responses={200: OpenApiTypes.OBJECT}, tags=["usage"])
+    def get(self, request):
+        from datetime import UTC, datetime
+
+        from accounts import quotas
+
+        api_key = request.auth
+        limits, snap = quotas.snapshot(api_key)
+        today = datetime.now(UTC).date()
+        month_start = today.replace(day=1)
+
+        def quota(limit, used):
+            return {"limit": limit, "used": used, "remaining": None if limit is None else max(0, limit - used)}
+
+        return Response(
+            {
+                "key": {
+                    "id": api_key.pk,
+                    "name": api_key.name,
+                    "quotas": {
+                        "requests_per_minute": quota(limits.requests_per_minute, snap.requests_last_minute),
+                        "requests_per_day": quota(limits.requests_per_day, snap.requests_today),
+                        "tokens_per_month": quota(limits.tokens_per_month, snap.tokens_this_month),
+                        "concurrent_requests": quota(limits.max_concurrent_requests, snap.concurrent),
+                    },
+                    "today": selectors.usage_totals(api_key.tenant_id, today, api_key.pk),
+                    "this_month": selectors.usage_totals(api_key.tenant_id, month_start, api_key.pk),
+                },
+                "tenant": {
+                    "slug": api_key.tenant.slug,
+                    "today": selectors.usage_totals(api_key.tenant_id, today),
+                    "this_month": selectors.usage_totals(api_key.tenant_id, month_start),
+                },
+            }
+        )

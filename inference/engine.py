@@ -197,20 +197,44 @@ class Engine:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         logger.info("loaded %s on %s (%s)", self.model_id, self.device, self.dtype)
 
-    def _inputs(self, image, prompt: str):
-        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    def _inputs(self, image, prompt: str, messages: list | None = None):
+        if messages:  # a conversation (chat completions): its image part gets the picture
+            messages = [
+                {
+                    **message,
+                    "content": [
+                        {"type": "image", "image": image} if part.get("type") == "image" else part
+                        for part in message["content"]
+                    ]
+                    if isinstance(message["content"], list)
+                    else message["content"],
+                }
+                for message in messages
+            ]
+        else:
+            messages = [
+                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}
+            ]
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
         return inputs.to(self.device)
 
     def stream(
-        self, image, prompt: str, params: GenerationParams, should_stop: Callable[[], bool] | None = None
+        self,
+        image,
+        prompt: str,
+        params: GenerationParams,
+        should_stop: Callable[[], bool] | None = None,
+        messages: list | None = None,
     ) -> Generation:
+        """Start generating. ``messages`` (optional) is a whole conversation in the chat-template
+        format whose one ``{"type": "image"}`` part stands for ``image``; else the prompt is asked
+        about the image in one user turn."""
         if not self.loaded:
             raise EngineError("model_unavailable", f"The model '{self.model_id}' is not loaded.")
         try:
-            inputs = self._inputs(image, prompt)
+            inputs = self._inputs(image, prompt, messages)
             return Generation(self, inputs, params, should_stop)
         except EngineError:
             raise

@@ -158,3 +158,29 @@ def decode_base64_image(text: str, param: str = "image") -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ApiError("invalid_image", f"'{param}' is not valid base64: {exc}", param=param) from exc
+
+
+def fetch_image_url(url: str, param: str = "image_url") -> bytes:
+    """Fetch a remote image, only from hosts listed in IMAGE_URL_ALLOWED_HOSTS (none by default)."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    host = (urlparse(url).hostname or "").lower()
+    allowed = {h.lower() for h in settings.IMAGE_URL_ALLOWED_HOSTS}
+    if host not in allowed:
+        raise ApiError(
+            "invalid_image",
+            f"Remote image URLs are not fetched from '{host}'; send the image as a data URI "
+            "(data:image/png;base64,...).",
+            param=param,
+        )
+    limit = settings.MAX_IMAGE_BYTES
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "sightline"}), timeout=10) as r:
+            data = r.read(limit + 1)
+    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
+        raise ApiError("invalid_image", f"The image at {url} could not be fetched: {exc}", param=param) from exc
+    if len(data) > limit:
+        raise ApiError("image_too_large", f"The image at {url} is larger than {_limit_text()}.", param=param)
+    return data

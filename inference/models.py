@@ -47,6 +47,10 @@ class Query(models.Model):
     client_ip = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=512, blank=True, default="")
     worker = models.CharField(max_length=200, blank=True, default="", help_text="who ran it")
+    reserved_tokens = models.PositiveIntegerField(default=0, help_text="tokens reserved against the monthly quota")
+    settled_at = models.DateTimeField(
+        null=True, blank=True, help_text="when its quota was settled and its usage added to the rollups"
+    )
 
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -59,6 +63,8 @@ class Query(models.Model):
         indexes = [
             models.Index(fields=["tenant", "-created_at"], name="query_tenant_created"),
             models.Index(fields=["api_key", "-created_at"], name="query_key_created"),
+            # the sweeper's scan for finished queries whose quota was not settled
+            models.Index(fields=["finished_at"], condition=models.Q(settled_at__isnull=True), name="query_unsettled"),
         ]
 
     def __str__(self) -> str:
@@ -105,3 +111,55 @@ class QueryImage(models.Model):
 
     def __str__(self) -> str:
         return f"image of {self.query_id}"
+
+
+class UsageDaily(models.Model):
+    """Usage per tenant, key and UTC day, settled from each outcome, so usage views never scan queries."""
+
+    # Upper bounds (ms) of the latency histogram's buckets; the last bucket is open.
+    LATENCY_BUCKETS_MS = (50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 102400)
+
+    date = models.DateField()
+    tenant = models.ForeignKey("accounts.Tenant", on_delete=models.CASCADE, related_name="usage_days")
+    api_key = models.ForeignKey(
+        "accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_days"
+    )
+    requests = models.PositiveIntegerField(default=0, help_text="accepted queries that ended")
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    rejected = models.PositiveIntegerField(default=0, help_text="refused by a quota (429)")
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    latency_ms_total = models.PositiveBigIntegerField(default=0, help_text="sum over succeeded queries")
+    latency_histogram = models.JSONField(default=list, blank=True, help_text="counts per LATENCY_BUCKETS_MS bucket")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["date", "tenant", "api_key"], name="unique_usage_day")]
+        indexes = [models.Index(fields=["tenant", "date"], name="usage_tenant_date")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.api_key_id} {self.date}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def bucket_of(cls, latency_ms: float) -> int:
+        for index, bound in enumerate(cls.LATENCY_BUCKETS_MS):
+            if latency_ms <= bound:
+                return index
+        return len(cls.LATENCY_BUCKETS_MS)
+
+    @classmethod
+    def percentile_ms(cls, histogram: list[int], q: float) -> int | None:
+        """The upper bound of the bucket holding the q-th percentile (None when empty)."""
+        total = sum(histogram)
+        if not total:
+            return None
+        running = 0
+        for index, count in enumerate(histogram):
+            running += count
+            if running >= q / 100 * total:
+                return cls.LATENCY_BUCKETS_MS[min(index, len(cls.LATENCY_BUCKETS_MS) - 1)]
+        return cls.LATENCY_BUCKETS_MS[-1]

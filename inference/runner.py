@@ -31,6 +31,31 @@ def claim(query_id, worker: str) -> bool:
     return updated == 1
 
 
+def settle(query_id) -> bool:
+    """After a query's outcome is written: refund its unused token reservation, free its concurrent
+    slot, and add it to the usage rollup. Whoever ended the query calls this; the sweeper calls it
+    again for a query whose ender died in between. Safe to repeat: the quota side refunds only when
+    it frees the slot, and the rollup is added in the same transaction that marks ``settled_at``."""
+    from django.db import transaction
+
+    from accounts import quotas
+    from inference import usage
+
+    query = Query.objects.get(pk=query_id)
+    if query.settled_at is not None or not query.is_finished:
+        return False
+    try:
+        quotas.settle(query.api_key_id, query.pk, query.created_at, query.reserved_tokens, query.total_tokens or 0)
+    except Exception:  # Redis down: the sweeper retries; the slot's lease bounds the damage meanwhile
+        logger.exception("could not settle the quota of query %s", query_id)
+        return False
+    with transaction.atomic():
+        if not Query.objects.filter(pk=query_id, settled_at__isnull=True).update(settled_at=timezone.now()):
+            return False
+        usage.record_outcome(query)
+    return True
+
+
 def fail(query_id, code: str, message: str, *, answer: str | None = None, publisher=None, **fields) -> bool:
     """End an unfinished query ``failed`` with a reason; publish the error. False if it had ended already."""
     now = timezone.now()
@@ -43,8 +68,12 @@ def fail(query_id, code: str, message: str, *, answer: str | None = None, publis
         .filter(Q(status=Query.Status.QUEUED) | Q(status=Query.Status.RUNNING))
         .update(**values)
     )
-    if updated and publisher is not None:
-        publisher.publish(query_id, {"type": events.ERROR, "query_id": str(query_id), "code": code, "message": message})
+    if updated:
+        settle(query_id)
+        if publisher is not None:
+            publisher.publish(
+                query_id, {"type": events.ERROR, "query_id": str(query_id), "code": code, "message": message}
+            )
     return updated == 1
 
 
@@ -89,7 +118,9 @@ def execute(
     try:
         with Image.open(io.BytesIO(bytes(query.image.content))) as stored:
             image = stored.convert("RGB")
-        generation = engine.stream(image, query.prompt, params, should_stop=should_stop)
+        generation = engine.stream(
+            image, query.prompt, params, should_stop=should_stop, messages=query.params.get("messages")
+        )
         for delta in generation:
             if first_token_at is None:
                 first_token_at = timezone.now()
@@ -127,7 +158,7 @@ def execute(
         return Query.Status.FAILED
 
     finished_at = timezone.now()
-    Query.objects.filter(pk=query_id, status=Query.Status.RUNNING).update(
+    updated = Query.objects.filter(pk=query_id, status=Query.Status.RUNNING).update(
         status=Query.Status.SUCCEEDED,
         answer=completion.text,
         finish_reason=completion.finish_reason,
@@ -136,6 +167,9 @@ def execute(
         first_token_at=first_token_at or finished_at,
         finished_at=finished_at,
     )
+    if not updated:  # ended meanwhile by someone else (the sweeper): their outcome stands
+        return None
+    settle(query_id)
     publisher.publish(
         query_id,
         {

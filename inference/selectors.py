@@ -42,3 +42,25 @@ def tenant_query(tenant_id, query_id) -> Query | None:
     except ValueError:
         return None
     return tenant_queries(tenant_id).filter(pk=query_uuid).first()
+
+
+def usage_totals(tenant_id, since, api_key_id=None) -> dict:
+    """Sums of the daily rollups from ``since`` (a date) on, for a tenant or one of its keys."""
+    from django.db.models import Sum
+
+    from inference.models import UsageDaily
+
+    rows = UsageDaily.objects.filter(tenant_id=tenant_id, date__gte=since)
+    if api_key_id is not None:
+        rows = rows.filter(api_key_id=api_key_id)
+    totals = rows.aggregate(
+        requests=Sum("requests"),
+        succeeded=Sum("succeeded"),
+        failed=Sum("failed"),
+        rejected=Sum("rejected"),
+        prompt_tokens=Sum("prompt_tokens"),
+        completion_tokens=Sum("completion_tokens"),
+    )
+    totals = {name: value or 0 for name, value in totals.items()}
+    totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+    return totals

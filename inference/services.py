@@ -12,6 +12,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.db import transaction
 
+from accounts import quotas
 from config.errors import STATUS, ApiError
 from inference import events
 from inference.dispatch import get_dispatcher
@@ -85,18 +86,50 @@ def check_input(*, prompt, image_bytes: bytes | None, max_tokens=None, temperatu
     return InferenceInput(prompt=prompt, image=image, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
 
 
-def accept(api_key, data: InferenceInput, *, endpoint: str, client: ClientInfo | None = None) -> Query:
+def served_models() -> list[str]:
+    return [settings.INFERENCE_MODEL_NAME]
+
+
+def check_model(api_key, model: str | None) -> str:
+    """The model a request asks for, if the platform serves it and the key's tenant may use it."""
+    if model in (None, ""):
+        return settings.INFERENCE_MODEL_NAME
+    if not isinstance(model, str) or model not in served_models() or not api_key.tenant.may_use(model):
+        raise ApiError(
+            "model_not_found",
+            f"The model '{model}' does not exist or this key may not use it; GET /v1/models lists yours.",
+            param="model",
+        )
+    return model
+
+
+def accept(
+    api_key,
+    data: InferenceInput,
+    *,
+    endpoint: str,
+    client: ClientInfo | None = None,
+    admission=None,
+    model: str | None = None,
+    extra_params: dict | None = None,
+) -> Query:
     """Write the query row (``queued``) and its normalised image, and commit. Nothing is dispatched yet."""
     client = client or ClientInfo()
     png = data.image.normalised_png()
+    identity = (
+        {"id": admission.id, "created_at": admission.at, "reserved_tokens": admission.reserved_tokens}
+        if admission
+        else {}
+    )
     with transaction.atomic():
         query = Query.objects.create(
+            **identity,
             tenant_id=api_key.tenant_id,
             api_key=api_key,
-            model=settings.INFERENCE_MODEL_NAME,
+            model=model or settings.INFERENCE_MODEL_NAME,
             endpoint=endpoint,
             prompt=data.prompt,
-            params=data.params(),
+            params={**data.params(), **(extra_params or {})},
             image_sha256=data.image.sha256,
             image_format=data.image.format,
             image_width=data.image.width,
@@ -111,13 +144,38 @@ def accept(api_key, data: InferenceInput, *, endpoint: str, client: ClientInfo |
     return query
 
 
-def submit(api_key, *, endpoint: str, client: ClientInfo | None = None, **fields) -> Query:
-    """The one admission path of every endpoint: input checks, then the committed ``queued`` row.
+def submit(
+    api_key,
+    *,
+    endpoint: str,
+    client: ClientInfo | None = None,
+    model: str | None = None,
+    extra_params: dict | None = None,
+    reserve_text: str | None = None,
+    **fields,
+) -> Query:
+    """The one admission path of every endpoint: model, quotas, input checks, then the committed row.
 
-    (Authentication happened before, in DRF or the websocket consumer.) Nothing is dispatched yet:
-    a caller that waits subscribes to the query's messages first, then dispatches.
+    Authentication happened before (DRF, or the websocket consumer). Quotas admit the request
+    before anything else is spent; if the input is then refused, the reservation is given back.
+    Nothing is dispatched yet: a caller that waits subscribes to the query's messages first. The
+    returned query carries ``rate_limit_headers`` for the response.
     """
-    return accept(api_key, check_input(**fields), endpoint=endpoint, client=client)
+    model = check_model(api_key, model)
+    prompt_text = reserve_text if reserve_text is not None else fields.get("prompt")
+    admission = quotas.admit(api_key, prompt=prompt_text, max_tokens=fields.get("max_tokens"))
+    try:
+        data = check_input(**fields)
+        query = accept(
+            api_key, data, endpoint=endpoint, client=client, admission=admission, model=model, extra_params=extra_params
+        )
+    except BaseException as exc:
+        quotas.settle(api_key.pk, admission.id, admission.at, admission.reserved_tokens, 0)
+        if isinstance(exc, ApiError):
+            exc.headers = {**admission.headers, **exc.headers}
+        raise
+    query.rate_limit_headers = admission.headers
+    return query
 
 
 def cancel(query_id) -> None:
@@ -134,22 +192,43 @@ def _finished(query_id) -> bool:
     return Query.objects.filter(pk=query_id, status__in=[Query.Status.SUCCEEDED, Query.Status.FAILED]).exists()
 
 
-async def dispatch_and_wait(query: Query, timeout: float) -> bool:
-    """Subscribe to the query's messages, dispatch it, wait for its end. False on timeout."""
+# Sent by ``follow`` when the row says the query ended but its last message never came.
+FINISHED = "query.finished"
+
+
+async def follow(query: Query, timeout: float | None = None):
+    """Subscribe to the query's messages, dispatch it, and yield its messages until it ends.
+
+    Ends after ``query.done`` / ``query.error`` (or ``FINISHED`` when the row shows an end whose
+    message was lost); stops silently once ``timeout`` seconds have passed.
+    """
     loop_time = asyncio.get_running_loop().time
-    deadline = loop_time() + timeout
+    deadline = None if timeout is None else loop_time() + timeout
     async with events.Subscription(query.pk) as subscription:
         await sync_to_async(dispatch, thread_sensitive=False)(query)
         while True:
-            remaining = deadline - loop_time()
-            if remaining <= 0:
-                return False
-            message = await subscription.next(min(POLL_SECONDS, remaining))
+            wait = POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - loop_time())
+                if wait <= 0:
+                    return
+            message = await subscription.next(wait)
             if message is None:
                 if await sync_to_async(_finished, thread_sensitive=False)(query.pk):
-                    return True
-            elif message["type"] in events.TERMINAL:
-                return True
+                    yield {"type": FINISHED, "query_id": str(query.pk)}
+                    return
+                continue
+            yield message
+            if message["type"] in events.TERMINAL:
+                return
+
+
+async def dispatch_and_wait(query: Query, timeout: float) -> bool:
+    """Dispatch the query and wait for its end. False when ``timeout`` passed first."""
+    async for message in follow(query, timeout):
+        if message["type"] in (*events.TERMINAL, FINISHED):
+            return True
+    return False
 
 
 def run_sync(query: Query, timeout: float | None = None) -> Query:
@@ -166,6 +245,29 @@ def run_sync(query: Query, timeout: float | None = None) -> Query:
             query_id=query.pk,
         )
     return Query.objects.get(pk=query.pk)
+
+
+def run_sync_or_raise(query: Query, timeout: float | None = None) -> Query:
+    """``run_sync``, then the query's error raised if it failed; rate-limit headers ride on errors."""
+    headers = getattr(query, "rate_limit_headers", {})
+    try:
+        done = run_sync(query, timeout)
+    except ApiError as error:
+        error.headers = {**headers, **error.headers}
+        raise
+    if done.status != Query.Status.SUCCEEDED:
+        error = error_of(done)
+        error.headers = dict(headers)
+        raise error
+    return done
+
+
+async def afetch(query_id) -> Query:
+    return await Query.objects.aget(pk=query_id)
+
+
+async def acancel(query_id) -> None:
+    await sync_to_async(cancel, thread_sensitive=False)(query_id)
 
 
 def error_of(query: Query) -> ApiError:

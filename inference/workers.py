@@ -118,8 +118,13 @@ def sweep(live_names: set[str] | None = None, publisher=None) -> dict:
             publisher=publisher,
         ):
             ended["never_taken"] += 1
+    # Finished queries whose ender died before settling them (their slot is still held).
+    unsettled = Query.objects.filter(
+        status__in=[Query.Status.SUCCEEDED, Query.Status.FAILED], settled_at__isnull=True, finished_at__lt=now - grace
+    ).values_list("pk", flat=True)
+    ended["settled_late"] = sum(1 for query_id in list(unsettled[:1000]) if runner.settle(query_id))
     if any(ended.values()):
-        logger.warning("sweeper ended %s", ended)
+        logger.warning("sweeper: %s", ended)
     return ended
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from tests.conftest import REPO, free_port
 
 REDIS_TEST_DB = 15
+# Stacks of one test session share the database, so they are one deployment: one key prefix.
+SESSION_PREFIX = f"sightline-test-{uuid.uuid4().hex[:8]}"
 
 
 def database_url() -> str:
@@ -43,7 +45,7 @@ class Stack:
             "DATABASE_URL": database or database_url(),
             "REDIS_URL": self.redis_url,
             "INFERENCE_QUEUE": self.queue,
-            "REDIS_KEY_PREFIX": f"sightline-test-{self.tag}",
+            "REDIS_KEY_PREFIX": SESSION_PREFIX,
             "WORKER_HEARTBEAT_SECONDS": "0.5",
             "WORKER_HEARTBEAT_TTL": "3",
             "SWEEP_INTERVAL_SECONDS": "1",

@@ -218,8 +218,10 @@ def test_async_job_202_then_poll_to_succeeded(live_stack, key):
     assert get_json(live_stack.url + "/v1/queries", other_key)[1]["results"] == []
 
 
-def test_killed_worker_loses_nothing(tenant, key, tmp_path, django_db_blocker):
-    """SIGKILL a worker mid-generation: of 20 queries, every row ends succeeded or failed with a reason."""
+def test_killed_worker_loses_nothing(tenant, tmp_path):
+    """SIGKILL a worker mid-generation: of 20 queries, every row ends succeeded or failed with a reason,
+    and every concurrent-request slot is given back."""
+    row, key = accounts.create_api_key(tenant, "many", max_concurrent_requests=50)
     stack = Stack(tmp_path)
     stack.start_web()
     stack.start_worker("doomed")
@@ -249,6 +251,13 @@ def test_killed_worker_loses_nothing(tenant, key, tmp_path, django_db_blocker):
         assert all(q.error_code for q in rows if q.status == Query.Status.FAILED)
         lost = [q for q in rows if q.error_code == "worker_lost"]
         assert len(lost) == 1 and lost[0].worker.startswith("doomed-")
+        for _ in range(150):  # freed after the outcome is written, or by the sweeper if the ender died
+            status, usage = get_json(stack.url + "/v1/usage", key)
+            if usage["key"]["quotas"]["concurrent_requests"]["used"] == 0:
+                break
+            time.sleep(0.1)
+        assert usage["key"]["quotas"]["concurrent_requests"]["used"] == 0
+        assert usage["key"]["quotas"]["tokens_per_month"]["used"] == sum(q.total_tokens or 0 for q in rows)
     finally:
         stack.stop()
 

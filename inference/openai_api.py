@@ -1,0 +1,152 @@
+"""The OpenAI-compatible API: ``POST /v1/chat/completions`` (plain and SSE streaming) and
+``GET /v1/models``, so the official ``openai`` SDK works unchanged. Errors use OpenAI's shape."""
+
+import json
+import time
+
+from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework.parsers import JSONParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.errors import ApiError, error_body
+from inference import events, services
+from inference.api import client_info, with_rate_headers
+from inference.chat import parse_messages
+from inference.models import Query
+
+
+def _completion_id(query: Query) -> str:
+    return f"chatcmpl-{query.pk.hex}"
+
+
+def _usage(values: dict) -> dict:
+    return {
+        "prompt_tokens": values.get("prompt_tokens", 0),
+        "completion_tokens": values.get("completion_tokens", 0),
+        "total_tokens": values.get("total_tokens", 0),
+    }
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class ChatCompletionsView(APIView):
+    error_style = "openai"
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        operation_id="chat_completions",
+        summary="OpenAI-compatible chat completion about one image",
+        request=OpenApiTypes.OBJECT,
+        responses={200: OpenApiTypes.OBJECT},
+        tags=["openai"],
+    )
+    def post(self, request):
+        body = request.data if isinstance(request.data, dict) else {}
+        if body.get("n") not in (None, 1):
+            raise ApiError("invalid_request", "Only n=1 is supported.", param="n")
+        chat = parse_messages(body.get("messages"))
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        extra = {"messages": chat.messages}
+        if isinstance(body.get("user"), str):
+            extra["user"] = body["user"][:200]
+        query = services.submit(
+            request.auth,
+            endpoint=Query.Endpoint.CHAT_COMPLETIONS,
+            client=client_info(request),
+            model=body.get("model") or None,
+            extra_params=extra,
+            reserve_text=chat.all_text,
+            prompt=chat.prompt,
+            image_bytes=chat.image_bytes,
+            max_tokens=max_tokens,
+            temperature=body.get("temperature"),
+            top_p=body.get("top_p"),
+        )
+        if stream:
+            response = StreamingHttpResponse(self._events(query, include_usage), content_type="text/event-stream")
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"
+            return with_rate_headers(response, query)
+        done = services.run_sync_or_raise(query)
+        return with_rate_headers(
+            Response(
+                {
+                    "id": _completion_id(done),
+                    "object": "chat.completion",
+                    "created": int(done.created_at.timestamp()),
+                    "model": done.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": done.answer},
+                            "finish_reason": _finish_reason(done.finish_reason),
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": services.usage(done),
+                }
+            ),
+            query,
+        )
+
+    async def _events(self, query: Query, include_usage: bool):
+        """SSE ``chat.completion.chunk`` events, then ``data: [DONE]``. A client that goes away cancels."""
+        base = {
+            "id": _completion_id(query),
+            "object": "chat.completion.chunk",
+            "created": int(query.created_at.timestamp()),
+            "model": query.model,
+        }
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        def chunk(delta: dict, finish_reason=None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return event({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+        ended = False
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for message in services.follow(query):
+                kind = message["type"]
+                if kind == events.TOKEN:
+                    yield chunk({"content": message["text"]})
+                elif kind in (events.DONE, services.FINISHED):
+                    ended = True
+                    finished = await services.afetch(query.pk)
+                    if finished.status != Query.Status.SUCCEEDED:
+                        yield event(error_body(services.error_of(finished), "openai"))
+                    else:
+                        yield chunk({}, _finish_reason(finished.finish_reason))
+                        if include_usage:
+                            yield event({**base, "choices": [], "usage": services.usage(finished)})
+                elif kind == events.ERROR:
+                    ended = True
+                    yield event(error_body(ApiError(message["code"], message["message"], query_id=query.pk), "openai"))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ended:
+                await services.acancel(query.pk)
+
+
+class ModelsView(APIView):
+    error_style = "openai"
+
+    @extend_schema(operation_id="models_list", responses={200: OpenApiTypes.OBJECT}, tags=["openai"])
+    def get(self, request):
+        created = int(time.time())
+        models = [m for m in services.served_models() if request.auth.tenant.may_use(m)]
+        return Response(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": created, "owned_by": "sightline"} for m in models],
+            }
+        )
