@@ -74,8 +74,19 @@ TEMPLATES = [
 
 # --- database -------------------------------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL", "")
+# PostgreSQL connections come from a pool per process (Daphne runs each sync request in a thread
+# of its own, so without a pool a burst of requests opens a connection each and exhausts the
+# server). A request waits up to DB_POOL_TIMEOUT seconds for a free connection. 0 turns it off.
+DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 20)
+DB_POOL_TIMEOUT = env_float("DB_POOL_TIMEOUT", 30.0)
 if DATABASE_URL:
     DATABASES = {"default": parse_database_url(DATABASE_URL)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DB_POOL_MAX_SIZE > 0:
+        DATABASES["default"]["OPTIONS"]["pool"] = {
+            "min_size": 1,
+            "max_size": DB_POOL_MAX_SIZE,
+            "timeout": DB_POOL_TIMEOUT,
+        }
 else:
     DATABASES = {
         "default": {

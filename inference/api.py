@@ -205,6 +205,24 @@ class QueryDetailView(APIView):
         return Response(serializers.QuerySerializer(query).data)
 
 
+class QueryCancelView(APIView):
+    """``POST /v1/queries/{id}/cancel``: stop a queued or running query; it ends ``failed``/``cancelled``."""
+
+    @extend_schema(
+        operation_id="queries_cancel",
+        request=None,
+        responses={202: serializers.QuerySerializer, 404: serializers.ErrorSerializer},
+        tags=["queries"],
+    )
+    def post(self, request, query_id):
+        query = selectors.tenant_query(request.auth.tenant_id, query_id)
+        if query is None:
+            raise ApiError("not_found", f"No query {query_id} for this key's tenant.")
+        if not query.is_finished:
+            services.cancel(query.pk)
+        return Response(serializers.QuerySerializer(query).data, status=202)
+
+
 class UsageView(APIView):
     """``GET /v1/usage``: this key's counters against each quota, and its tenant's usage this month."""
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
 from PIL import Image
 
@@ -56,18 +55,23 @@ def settle(query_id) -> bool:
     return True
 
 
-def fail(query_id, code: str, message: str, *, answer: str | None = None, publisher=None, **fields) -> bool:
+def fail(
+    query_id,
+    code: str,
+    message: str,
+    *,
+    answer: str | None = None,
+    publisher=None,
+    statuses=(Query.Status.QUEUED, Query.Status.RUNNING),
+    **fields,
+) -> bool:
     """End an unfinished query ``failed`` with a reason; publish the error. False if it had ended already."""
     now = timezone.now()
     values = {"status": Query.Status.FAILED, "error_code": code, "error_message": message, "finished_at": now}
     if answer is not None:
         values["answer"] = answer
     values.update(fields)
-    updated = (
-        Query.objects.filter(pk=query_id)
-        .filter(Q(status=Query.Status.QUEUED) | Q(status=Query.Status.RUNNING))
-        .update(**values)
-    )
+    updated = Query.objects.filter(pk=query_id, status__in=statuses).update(**values)
     if updated:
         settle(query_id)
         if publisher is not None:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
 from accounts import quotas
 from config.errors import STATUS, ApiError
-from inference import events
+from inference import events, runner
 from inference.dispatch import get_dispatcher
 from inference.images import CheckedImage, check_image
 from inference.models import Query, QueryImage
@@ -178,9 +178,23 @@ def submit(
     return query
 
 
+_publisher = None
+
+
 def cancel(query_id) -> None:
-    """Ask the worker running a query to stop; it ends ``failed``/``cancelled`` with the partial answer."""
+    """Stop a query. A running one is stopped by its worker within a token or two and ends
+    ``failed``/``cancelled`` with its partial answer; a queued one ends so at once."""
+    global _publisher
     get_dispatcher().cancel(query_id)
+    if Query.objects.filter(pk=query_id, status=Query.Status.QUEUED).exists():
+        _publisher = _publisher or events.Publisher()
+        runner.fail(
+            query_id,
+            "cancelled",
+            "The client cancelled the query before it started.",
+            publisher=_publisher,
+            statuses=(Query.Status.QUEUED,),
+        )
 
 
 def dispatch(query: Query) -> None:
@@ -237,6 +251,8 @@ def run_sync(query: Query, timeout: float | None = None) -> Query:
     Past ``timeout`` seconds this raises ``timeout``; the query goes on and can be polled.
     """
     timeout = settings.SYNC_TIMEOUT if timeout is None else timeout
+    if not connection.in_atomic_block:
+        connection.close()  # give the connection back (to the pool) while waiting
     finished = async_to_sync(dispatch_and_wait)(query, timeout)
     if not finished:
         raise ApiError(

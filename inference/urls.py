@@ -6,6 +6,7 @@ urlpatterns = [
     path("v1/glm/infer", api.GlmInferView.as_view(), name="glm-infer"),
     path("v1/queries", api.QueryListView.as_view(), name="query-list"),
     path("v1/queries/<str:query_id>", api.QueryDetailView.as_view(), name="query-detail"),
+    path("v1/queries/<str:query_id>/cancel", api.QueryCancelView.as_view(), name="query-cancel"),
     path("v1/chat/completions", openai_api.ChatCompletionsView.as_view(), name="chat-completions"),
     path("v1/models", openai_api.ModelsView.as_view(), name="models"),
     path("v1/usage", api.UsageView.as_view(), name="usage"),

@@ -67,3 +67,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_stack(django_db_setup, tmp_path_factory, tiny_model_dir):
+    """Daphne + one Celery worker as real processes, on the test database and Redis (see tests/stack.py)."""
+    from tests.stack import Stack
+
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    stack.start_web()
+    stack.start_worker("w1")
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()

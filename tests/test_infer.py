@@ -181,9 +181,9 @@ def test_sync_timeout_gives_504_with_query_id_and_the_query_goes_on(authed_clien
     assert response.status_code == 504
     body = response.json()
     assert body["code"] == "timeout" and body["query_id"]
-    for _ in range(300):  # bounded wait for the query to finish on its own
+    for _ in range(300):  # bounded wait for the query to finish (and be settled) on its own
         query = Query.objects.get(pk=body["query_id"])
-        if query.is_finished:
+        if query.settled_at is not None:
             break
         time.sleep(0.1)
     assert query.status == Query.Status.SUCCEEDED

@@ -7,7 +7,6 @@ import base64
 import json
 import subprocess
 import time
-import urllib.request
 
 import pytest
 import websockets
@@ -16,21 +15,9 @@ from accounts import services as accounts
 from inference.models import Query
 from tests import media
 from tests.conftest import free_port
-from tests.stack import Stack
+from tests.stack import Stack, get_json, post_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(scope="session")
-def live_stack(django_db_setup, django_db_blocker, tmp_path_factory, tiny_model_dir):
-    stack = Stack(tmp_path_factory.mktemp("stack"))
-    stack.start_web()
-    stack.start_worker("w1")
-    try:
-        stack.wait_ready()
-        yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture
@@ -40,29 +27,6 @@ def key(tenant):
 
 def _image_b64(seed=0) -> str:
     return base64.b64encode(media.encode(media.image(64, 64, seed=seed), "PNG")).decode()
-
-
-def post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
-def get_json(url: str, key: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def wait_finished(query_id, timeout=120) -> Query:

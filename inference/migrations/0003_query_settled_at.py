@@ -4,20 +4,23 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('accounts', '0002_tenant_allowed_models'),
-        ('inference', '0002_query_reserved_tokens_usagedaily'),
+        ("accounts", "0002_tenant_allowed_models"),
+        ("inference", "0002_query_reserved_tokens_usagedaily"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='query',
-            name='settled_at',
-            field=models.DateTimeField(blank=True, help_text='when its quota was settled and its usage added to the rollups', null=True),
+            model_name="query",
+            name="settled_at",
+            field=models.DateTimeField(
+                blank=True, help_text="when its quota was settled and its usage added to the rollups", null=True
+            ),
         ),
         migrations.AddIndex(
-            model_name='query',
-            index=models.Index(condition=models.Q(('settled_at__isnull', True)), fields=['finished_at'], name='query_unsettled'),
+            model_name="query",
+            index=models.Index(
+                condition=models.Q(("settled_at__isnull", True)), fields=["finished_at"], name="query_unsettled"
+            ),
         ),
     ]
