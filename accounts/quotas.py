@@ -375,5 +375,9 @@ def settle(key_id: int, admission_id, created_at: datetime, reserved: int, used:
     backend().settle(key_id, uuid.UUID(str(admission_id)).hex, created_at, max(0, reserved - used))
 
 
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
 def snapshot(api_key) -> tuple[Limits, Snapshot]:
-    return Limits.of(api_key), backend().snapshot(api_key.pk, datetime.now(UTC))
+    return Limits.of(api_key), backend().snapshot(api_key.pk, now())

@@ -30,6 +30,25 @@ _ERRORS = {
 }
 
 
+class KeyedAPIView(APIView):
+    """A view authenticated by an API key. Every answer carries the key's x-ratelimit-* headers
+    (from its admission when it made one, else from its current counters)."""
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        api_key = getattr(request, "auth", None)
+        if api_key is not None and "x-ratelimit-limit-requests" not in response and response.status_code != 401:
+            from accounts import quotas
+
+            try:
+                limits, snap = quotas.snapshot(api_key)
+                for name, value in quotas.headers(limits, snap, quotas.now()).items():
+                    response[name] = value
+            except Exception:  # noqa: BLE001 - headers are a courtesy; never fail an answer for them
+                pass
+        return response
+
+
 def client_info(request) -> services.ClientInfo:
     return services.ClientInfo(
         ip=request.META.get("REMOTE_ADDR") or None, user_agent=request.META.get("HTTP_USER_AGENT", "")
@@ -75,7 +94,7 @@ def submit_from(request, endpoint: str) -> Query:
     )
 
 
-class GlmInferView(APIView):
+class GlmInferView(KeyedAPIView):
     """``POST /v1/glm/infer``: an image and a question in, the answer out (the original wrapper's shape)."""
 
     parser_classes = [MultiPartParser, FormParser, JSONParser]
@@ -156,7 +175,7 @@ class QueryPagination(CursorPagination):
     max_page_size = 100
 
 
-class QueryListView(APIView):
+class QueryListView(KeyedAPIView):
     """``POST /v1/queries`` (an async job: 202, then poll) and ``GET /v1/queries`` (the tenant's, newest first)."""
 
     parser_classes = [MultiPartParser, FormParser, JSONParser]
@@ -190,7 +209,7 @@ class QueryListView(APIView):
         return paginator.get_paginated_response(serializers.QuerySerializer(page, many=True).data)
 
 
-class QueryDetailView(APIView):
+class QueryDetailView(KeyedAPIView):
     """``GET /v1/queries/{id}``: status, answer, usage and timings. Another tenant's id is 404."""
 
     @extend_schema(
@@ -205,7 +224,7 @@ class QueryDetailView(APIView):
         return Response(serializers.QuerySerializer(query).data)
 
 
-class QueryCancelView(APIView):
+class QueryCancelView(KeyedAPIView):
     """``POST /v1/queries/{id}/cancel``: stop a queued or running query; it ends ``failed``/``cancelled``."""
 
     @extend_schema(
@@ -223,7 +242,7 @@ class QueryCancelView(APIView):
         return Response(serializers.QuerySerializer(query).data, status=202)
 
 
-class UsageView(APIView):
+class UsageView(KeyedAPIView):
     """``GET /v1/usage``: this key's counters against each quota, and its tenant's usage this month."""
 
     @extend_schema(operation_id="usage", responses={200: OpenApiTypes.OBJECT}, tags=["usage"])

@@ -9,11 +9,10 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from config.errors import ApiError, error_body
 from inference import events, services
-from inference.api import client_info, with_rate_headers
+from inference.api import KeyedAPIView, client_info, with_rate_headers
 from inference.chat import parse_messages
 from inference.models import Query
 
@@ -34,7 +33,7 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-class ChatCompletionsView(APIView):
+class ChatCompletionsView(KeyedAPIView):
     error_style = "openai"
     parser_classes = [JSONParser]
 
@@ -137,7 +136,7 @@ class ChatCompletionsView(APIView):
                 await services.acancel(query.pk)
 
 
-class ModelsView(APIView):
+class ModelsView(KeyedAPIView):
     error_style = "openai"
 
     @extend_schema(operation_id="models_list", responses={200: OpenApiTypes.OBJECT}, tags=["openai"])

@@ -154,3 +154,16 @@ def test_embedded_token_budget_and_slots():
     assert backend.admit(1, limits, 60, "b", now)[0] == "ok"
     assert backend.admit(1, limits, 10, "c", now)[0] == "ok"
     assert backend.admit(1, limits, 10, "d", now)[0] == "max_concurrent_requests"
+
+
+def test_every_answer_carries_rate_limit_headers(authed_client, png_bytes):
+    """In the embedded default too (in-process counters): admitted, refused and plain GET answers."""
+    for response in (
+        authed_client.get("/v1/models"),
+        authed_client.get("/v1/usage"),
+        authed_client.post("/v1/glm/infer", {"prompt": "", "image": "AAAA"}, format="json"),
+    ):
+        assert response["x-ratelimit-limit-requests"] == "60", response
+        assert int(response["x-ratelimit-remaining-requests"]) <= 60
+        assert response["x-ratelimit-limit-tokens"] == "2000000"
+        assert response["x-ratelimit-reset-tokens"]

@@ -1,0 +1,89 @@
+"""The cost of admission — authenticating a key and admitting it against its quotas — per request,
+against the real PostgreSQL and Redis (the production path: one Lua call), at concurrency 1 and 32.
+
+    .venv/bin/python bench/quota.py [--requests 2000]
+
+Each request does what the web tier does before any input check: look the key up by prefix and
+compare its hash (PostgreSQL), then the quota script (Redis); the slot is settled right after, as
+a finished query would be. Uses the database `sightline_bench` (recreated) and Redis database 14.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+BENCH_DB = "sightline_bench"
+
+
+def pct(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+
+    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {BENCH_DB}"], check=True)
+    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"CREATE DATABASE {BENCH_DB}"], check=True)
+    os.environ.update(
+        DATABASE_URL=f"{PG}/{BENCH_DB}",
+        REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+        REDIS_KEY_PREFIX=f"sightline-bench-{uuid.uuid4().hex[:6]}",
+        DB_POOL_MAX_SIZE="40",
+        DJANGO_SETTINGS_MODULE="config.settings",
+    )
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, check=True)
+    import django
+
+    django.setup()
+    from django.db import close_old_connections
+
+    from accounts import quotas, services
+
+    tenant = services.create_tenant(
+        "Bench",
+        slug="bench",
+        requests_per_minute=10**9,
+        requests_per_day=10**9,
+        tokens_per_month=10**15,
+        max_concurrent_requests=10**6,
+    )
+    _, key = services.create_api_key(tenant, "bench")
+
+    def admit_once(_):
+        start = time.perf_counter()
+        api_key = services.authenticate_key(key)
+        admission = quotas.admit(api_key, prompt="What is in this picture?", max_tokens=64)
+        elapsed = time.perf_counter() - start
+        quotas.settle(api_key.pk, admission.id, admission.at, admission.reserved_tokens, 100)
+        close_old_connections()
+        return elapsed
+
+    for _ in range(50):  # warm up: connections, the Lua script's SHA
+        admit_once(0)
+    print(f"\nAdmission cost (auth + quotas), {args.requests} requests per run, PostgreSQL + Redis on this machine")
+    for concurrency in (1, 32):
+        with ThreadPoolExecutor(concurrency) as pool:
+            started = time.perf_counter()
+            latencies = list(pool.map(admit_once, range(args.requests)))
+            wall = time.perf_counter() - started
+        p50, p99, mean = (x * 1000 for x in (pct(latencies, 50), pct(latencies, 99), statistics.mean(latencies)))
+        print(
+            f"concurrency {concurrency:>2}: p50 {p50:6.2f} ms   p99 {p99:6.2f} ms   mean {mean:6.2f} ms"
+            f"   {args.requests / wall:8.0f} admissions/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
