@@ -23,16 +23,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-BENCH_DB = "sightline_bench"
-
-
-def pct(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+from _common import BENCH_DATABASE_URL, REPO, fresh_database, pct  # noqa: E402
 
 
 def fmt(values):
@@ -41,13 +32,8 @@ def fmt(values):
 
 
 def setup_database():
-    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {BENCH_DB}"], check=True)
-    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"CREATE DATABASE {BENCH_DB}"], check=True)
-    env = {**os.environ, "DATABASE_URL": f"{PG}/{BENCH_DB}"}
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)
-    subprocess.run(
-        [sys.executable, "manage.py", "build_tiny_model"], cwd=REPO, env=env, check=True, capture_output=True
-    )
+    fresh_database()
+    subprocess.run([sys.executable, "manage.py", "build_tiny_model"], cwd=REPO, check=True, capture_output=True)
 
 
 def main():
@@ -58,15 +44,15 @@ def main():
     args = parser.parse_args()
 
     setup_database()
-    os.environ["DATABASE_URL"] = f"{PG}/{BENCH_DB}"
+    os.environ["DATABASE_URL"] = BENCH_DATABASE_URL
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django
 
     django.setup()
     from django.conf import settings
-    from inference.engine import Engine, GenerationParams
 
     from accounts import services as accounts
+    from inference.engine import Engine, GenerationParams
     from inference.samples import sample_png
     from tests.stack import Stack
 
@@ -106,7 +92,7 @@ def main():
 
     # --- the platform --------------------------------------------------------------------------
     log_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-"))
-    stack = Stack(log_dir, database=f"{PG}/{BENCH_DB}", INFERENCE_MODEL=model)
+    stack = Stack(log_dir, database=BENCH_DATABASE_URL, INFERENCE_MODEL=model)
     stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + "/14"
     stack.env["REDIS_URL"] = stack.redis_url
     stack.start_web()

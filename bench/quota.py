@@ -11,22 +11,11 @@ a finished query would be. Uses the database `sightline_bench` (recreated) and R
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-BENCH_DB = "sightline_bench"
-
-
-def pct(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+from _common import fresh_database, pct  # noqa: E402
 
 
 def main():
@@ -34,16 +23,13 @@ def main():
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
 
-    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {BENCH_DB}"], check=True)
-    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"CREATE DATABASE {BENCH_DB}"], check=True)
     os.environ.update(
-        DATABASE_URL=f"{PG}/{BENCH_DB}",
+        DATABASE_URL=fresh_database(),
         REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
         REDIS_KEY_PREFIX=f"sightline-bench-{uuid.uuid4().hex[:6]}",
         DB_POOL_MAX_SIZE="40",
         DJANGO_SETTINGS_MODULE="config.settings",
     )
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, check=True)
     import django
 
     django.setup()

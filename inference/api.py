@@ -209,6 +209,13 @@ class QueryListView(KeyedAPIView):
         return paginator.get_paginated_response(serializers.QuerySerializer(page, many=True).data)
 
 
+def tenant_query_or_404(request, query_id) -> Query:
+    query = selectors.tenant_query(request.auth.tenant_id, query_id)
+    if query is None:
+        raise ApiError("not_found", f"No query {query_id} for this key's tenant.")
+    return query
+
+
 class QueryDetailView(KeyedAPIView):
     """``GET /v1/queries/{id}``: status, answer, usage and timings. Another tenant's id is 404."""
 
@@ -218,9 +225,7 @@ class QueryDetailView(KeyedAPIView):
         tags=["queries"],
     )
     def get(self, request, query_id):
-        query = selectors.tenant_query(request.auth.tenant_id, query_id)
-        if query is None:
-            raise ApiError("not_found", f"No query {query_id} for this key's tenant.")
+        query = tenant_query_or_404(request, query_id)
         return Response(serializers.QuerySerializer(query).data)
 
 
@@ -234,9 +239,7 @@ class QueryCancelView(KeyedAPIView):
         tags=["queries"],
     )
     def post(self, request, query_id):
-        query = selectors.tenant_query(request.auth.tenant_id, query_id)
-        if query is None:
-            raise ApiError("not_found", f"No query {query_id} for this key's tenant.")
+        query = tenant_query_or_404(request, query_id)
         if not query.is_finished:
             services.cancel(query.pk)
         return Response(serializers.QuerySerializer(query).data, status=202)
