@@ -36,9 +36,11 @@ class KeyedAPIView(APIView):
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
-        api_key = getattr(request, "auth", None)
-        if api_key is not None and "x-ratelimit-limit-requests" not in response and response.status_code != 401:
-            from accounts import quotas
+        from accounts import quotas
+        from accounts.models import ApiKey
+
+        api_key = getattr(request, "_auth", None)  # as authenticated; never authenticate again here
+        if isinstance(api_key, ApiKey) and "x-ratelimit-limit-requests" not in response:
 
             try:
                 limits, snap = quotas.snapshot(api_key)
