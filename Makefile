@@ -27,6 +27,7 @@ install: $(STAMP)
 serve: install
 	$(PY) manage.py build_tiny_model
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_demo --if-empty
 	$(PY) manage.py quickstart --host $(HOST) --port $(PORT)
 	$(PY) manage.py runserver --noreload --insecure $(HOST):$(PORT)
 

@@ -88,6 +88,7 @@ if DATABASE_URL:
             "timeout": DB_POOL_TIMEOUT,
         }
 else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)  # the embedded default's SQLite file lives there
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
@@ -203,6 +204,9 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
+LOGIN_URL = "dashboard:login"
+LOGIN_REDIRECT_URL = "dashboard:overview"
+LOGOUT_REDIRECT_URL = "dashboard:login"
 STATIC_ROOT = VAR_DIR / "static"
 
 LOGGING = {

@@ -2,9 +2,14 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
+from inference import views as inference_views
+
 urlpatterns = [
     path("", include("inference.urls")),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi"), name="docs"),
+    path("admin/usage/", inference_views.admin_usage, name="admin-usage"),
+    path("admin/queries/<uuid:query_id>/image.png", inference_views.admin_query_image, name="admin-query-image"),
     path("admin/", admin.site.urls),
+    path("dashboard/", include("accounts.urls")),
 ]

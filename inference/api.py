@@ -41,7 +41,6 @@ class KeyedAPIView(APIView):
 
         api_key = getattr(request, "_auth", None)  # as authenticated; never authenticate again here
         if isinstance(api_key, ApiKey) and "x-ratelimit-limit-requests" not in response:
-
             try:
                 limits, snap = quotas.snapshot(api_key)
                 for name, value in quotas.headers(limits, snap, quotas.now()).items():

@@ -1,7 +1,8 @@
 """``WS /ws/v1/infer``: token-by-token answers over a websocket. Thin: auth, admission and dispatch
 are the same services the REST API uses; this class only speaks the frames.
 
-Client frames: ``{"type": "auth", "api_key": ...}`` (first, unless a header authenticated),
+Client frames: ``{"type": "auth", "api_key": ...}`` (first, unless a header or the dashboard
+session authenticated),
 ``{"type": "infer", "prompt", "image" (base64 or data URI), "max_tokens"?, "temperature"?, "top_p"?}``,
 ``{"type": "cancel"}``. Server frames: ``ready``, ``queued`` (with ``query_id``), ``token`` (``text``),
 ``done`` (``result``, ``usage``, ``cost_time``, ``finish_reason``) or ``error`` (``code``, ``message``).
@@ -14,6 +15,7 @@ per connection. Closing the connection cancels the running query.
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from accounts import dashboard
 from accounts import services as accounts
 from config.errors import ApiError
 from inference import events, services
@@ -41,6 +43,10 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
             )
             if plaintext is not None:
                 self.api_key = await database_sync_to_async(accounts.authenticate_key)(plaintext)
+            else:  # the dashboard's playground: the signed-in session
+                self.api_key = await database_sync_to_async(dashboard.session_api_key)(
+                    self.scope.get("user"), self.scope.get("session")
+                )
         except ApiError as error:
             await self._refuse(error)
             return

@@ -64,3 +64,105 @@ def usage_totals(tenant_id, since, api_key_id=None) -> dict:
     totals = {name: value or 0 for name, value in totals.items()}
     totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
     return totals
+
+
+def usage_series(since, tenant_id=None, api_key_id=None) -> list[dict]:
+    """Per day from ``since`` to today (days without usage included): requests, tokens, failures."""
+    from datetime import UTC, datetime, timedelta
+
+    from django.db.models import Sum
+
+    from inference.models import UsageDaily
+
+    rows = UsageDaily.objects.filter(date__gte=since)
+    if tenant_id is not None:
+        rows = rows.filter(tenant_id=tenant_id)
+    if api_key_id is not None:
+        rows = rows.filter(api_key_id=api_key_id)
+    by_day = {
+        row["date"]: row
+        for row in rows.values("date").annotate(
+            requests=Sum("requests"),
+            failed=Sum("failed"),
+            rejected=Sum("rejected"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+        )
+    }
+    today = datetime.now(UTC).date()
+    series, day = [], since
+    while day <= today:
+        row = by_day.get(day, {})
+        tokens = (row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0)
+        series.append(
+            {
+                "date": day,
+                "requests": row.get("requests") or 0,
+                "failed": row.get("failed") or 0,
+                "rejected": row.get("rejected") or 0,
+                "tokens": tokens,
+            }
+        )
+        day += timedelta(days=1)
+    return series
+
+
+def usage_by_tenant(since) -> list[dict]:
+    """Per tenant over the period: requests, tokens, error rate, p50/p99 latency (from the histograms)."""
+    from inference.models import UsageDaily
+
+    tenants: dict = {}
+    rows = (
+        UsageDaily.objects.filter(date__gte=since)
+        .select_related("tenant")
+        .only(
+            "tenant__name",
+            "tenant__slug",
+            "requests",
+            "failed",
+            "rejected",
+            "prompt_tokens",
+            "completion_tokens",
+            "latency_histogram",
+        )
+    )
+    for row in rows.iterator(chunk_size=2000):
+        entry = tenants.setdefault(
+            row.tenant_id,
+            {
+                "tenant": row.tenant,
+                "requests": 0,
+                "failed": 0,
+                "rejected": 0,
+                "tokens": 0,
+                "histogram": [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1),
+            },
+        )
+        entry["requests"] += row.requests
+        entry["failed"] += row.failed
+        entry["rejected"] += row.rejected
+        entry["tokens"] += row.prompt_tokens + row.completion_tokens
+        for index, count in enumerate(row.latency_histogram or []):
+            entry["histogram"][index] += count
+    result = []
+    for entry in tenants.values():
+        entry["error_rate"] = entry["failed"] / entry["requests"] if entry["requests"] else 0.0
+        entry["p50_ms"] = UsageDaily.percentile_ms(entry["histogram"], 50)
+        entry["p99_ms"] = UsageDaily.percentile_ms(entry["histogram"], 99)
+        result.append(entry)
+    return sorted(result, key=lambda e: -e["requests"])
+
+
+def top_keys(since, limit=10, tenant_id=None) -> list[dict]:
+    from django.db.models import F, Sum
+
+    from inference.models import UsageDaily
+
+    rows = UsageDaily.objects.filter(date__gte=since, api_key__isnull=False)
+    if tenant_id is not None:
+        rows = rows.filter(tenant_id=tenant_id)
+    return list(
+        rows.values("api_key_id", "api_key__name", "api_key__prefix", "tenant__name")
+        .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
+        .order_by("-requests")[:limit]
+    )

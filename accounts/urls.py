@@ -1,0 +1,21 @@
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from accounts import views
+from inference import views as inference_views
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("", views.overview, name="overview"),
+    path("login/", auth_views.LoginView.as_view(template_name="dashboard/login.html"), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path("switch/", views.switch, name="switch"),
+    path("keys/", views.key_list, name="keys"),
+    path("keys/<int:key_id>/", views.key_detail, name="key"),
+    path("keys/<int:key_id>/revoke/", views.key_revoke, name="key-revoke"),
+    path("queries/", inference_views.query_list, name="queries"),
+    path("queries/<uuid:query_id>/", inference_views.query_detail, name="query"),
+    path("queries/<uuid:query_id>/image.png", inference_views.query_image, name="query-image"),
+    path("playground/", inference_views.playground, name="playground"),
+]

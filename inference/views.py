@@ -1,0 +1,153 @@
+"""The dashboard's query pages and playground, and the admin's usage page. Thin: reads come from
+``inference.selectors``; a tenant only ever reaches its own rows (anything else is 404)."""
+
+from datetime import UTC, datetime, timedelta
+
+from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpResponse
+from django.shortcuts import render
+
+from accounts import dashboard
+from accounts.views import _context
+from inference import selectors
+from inference.charts import bar_chart
+from inference.models import Query, QueryImage
+
+PAGE_SIZE = 50
+
+
+def _image_response(query_id, tenant_id=None) -> HttpResponse:
+    images = QueryImage.objects.filter(query_id=query_id)
+    if tenant_id is not None:
+        images = images.filter(query__tenant_id=tenant_id)
+    image = images.only("content", "content_type").first()
+    if image is None:
+        raise Http404("No such image.")
+    response = HttpResponse(bytes(image.content), content_type=image.content_type)
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@login_required
+def query_list(request):
+    membership = dashboard.current_membership(request)
+    filters = {name: request.GET.get(name, "") for name in ("status", "endpoint", "key", "before")}
+    queries = selectors.tenant_queries(membership.tenant_id).defer("answer", "params").select_related("api_key")
+    if filters["status"] in Query.Status.values:
+        queries = queries.filter(status=filters["status"])
+    if filters["endpoint"] in Query.Endpoint.values:
+        queries = queries.filter(endpoint=filters["endpoint"])
+    if filters["key"].isdigit():
+        queries = queries.filter(api_key_id=int(filters["key"]))
+    if filters["before"]:  # keyset pagination: no OFFSET, no COUNT over millions of rows
+        try:
+            queries = queries.filter(created_at__lt=datetime.fromisoformat(filters["before"]))
+        except ValueError:
+            pass
+    page = list(queries[: PAGE_SIZE + 1])
+    more = len(page) > PAGE_SIZE
+    page = page[:PAGE_SIZE]
+    next_params = None
+    if more:
+        params = request.GET.copy()
+        params["before"] = page[-1].created_at.isoformat()
+        next_params = params.urlencode()
+    return render(
+        request,
+        "dashboard/queries.html",
+        _context(
+            request,
+            membership,
+            queries=page,
+            filters=filters,
+            next_params=next_params,
+            statuses=Query.Status.values,
+            endpoints=Query.Endpoint.values,
+            api_keys=membership.tenant.api_keys.order_by("name"),
+        ),
+    )
+
+
+@login_required
+def query_detail(request, query_id):
+    membership = dashboard.current_membership(request)
+    query = selectors.tenant_query(membership.tenant_id, query_id)
+    if query is None:
+        raise Http404("No such query.")
+    has_image = QueryImage.objects.filter(query_id=query.pk).exists()
+    return render(
+        request,
+        "dashboard/query_detail.html",
+        _context(
+            request,
+            membership,
+            query=query,
+            has_image=has_image,
+        ),
+    )
+
+
+@login_required
+def query_image(request, query_id):
+    membership = dashboard.current_membership(request)
+    return _image_response(query_id, tenant_id=membership.tenant_id)
+
+
+@login_required
+def playground(request):
+    membership = dashboard.current_membership(request)
+    return render(request, "dashboard/playground.html", _context(request, membership))
+
+
+@staff_member_required
+def admin_query_image(request, query_id):
+    return _image_response(query_id)
+
+
+@staff_member_required
+def admin_usage(request):
+    """Usage across tenants from the daily rollups (never the query log)."""
+    try:
+        days = max(1, min(int(request.GET.get("days", 30)), 366))
+    except ValueError:
+        days = 30
+    since = datetime.now(UTC).date() - timedelta(days=days - 1)
+    series = selectors.usage_series(since)
+    tenants = selectors.usage_by_tenant(since)
+    charts = [
+        bar_chart([(str(p["date"]), p["requests"]) for p in series], title="Requests per day, all tenants"),
+        bar_chart(
+            [(str(p["date"]), p["tokens"]) for p in series], title="Tokens per day, all tenants", color="#79aec8"
+        ),
+        bar_chart(
+            [(str(p["date"]), (p["failed"] / p["requests"] * 100) if p["requests"] else 0) for p in series],
+            title="Error rate per day (%)",
+            color="#ba2121",
+        ),
+    ]
+    per_tenant = [
+        (
+            t,
+            bar_chart(
+                [(str(p["date"]), p["requests"]) for p in selectors.usage_series(since, tenant_id=t["tenant"].pk)],
+                title=f"{t['tenant'].name}: requests per day",
+                height=80,
+            ),
+        )
+        for t in tenants[:10]
+    ]
+    return render(
+        request,
+        "admin/usage.html",
+        {
+            "title": "Usage",
+            "days": days,
+            "charts": charts,
+            "tenants": tenants,
+            "per_tenant": per_tenant,
+            "top_keys": selectors.top_keys(since),
+            "site_header": "Sightline",
+            "has_permission": True,
+        },
+    )

@@ -1,0 +1,205 @@
+"""The tenant dashboard and the admin console, page by page, with Django's test client."""
+
+import csv
+import io
+
+import pytest
+from django.test import Client
+
+from accounts import services
+from accounts.models import ApiKey, Membership
+from inference import services as inference_services
+from inference import usage
+from inference.models import Query
+from tests import media
+
+pytestmark = pytest.mark.django_db
+
+
+def _query(api_key, prompt="hello", status=Query.Status.SUCCEEDED):
+    data = inference_services.check_input(prompt=prompt, image_bytes=media.png(20, 10))
+    query = inference_services.accept(api_key, data, endpoint=Query.Endpoint.QUERIES)
+    Query.objects.filter(pk=query.pk).update(status=status, answer="an answer", prompt_tokens=10, completion_tokens=5)
+    query.refresh_from_db()
+    return query
+
+
+@pytest.fixture
+def world(db):
+    """Two tenants, each with an owner, a member and a key with one query."""
+    out = {}
+    for slug in ("a", "b"):
+        tenant = services.create_tenant(f"Tenant {slug.upper()}", slug=slug)
+        owner = services.create_user(f"owner-{slug}", password="pw-12345678")
+        member = services.create_user(f"member-{slug}", password="pw-12345678")
+        services.add_member(tenant, owner, Membership.Role.OWNER)
+        services.add_member(tenant, member, Membership.Role.MEMBER)
+        key, plaintext = services.create_api_key(tenant, f"key-{slug}")
+        out[slug] = {
+            "tenant": tenant,
+            "owner": owner,
+            "member": member,
+            "key": key,
+            "plaintext": plaintext,
+            "query": _query(key, prompt=f"prompt of {slug}"),
+        }
+    return out
+
+
+def _client(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_pages_need_sign_in(client):
+    for url in ("/dashboard/", "/dashboard/keys/", "/dashboard/queries/", "/dashboard/playground/"):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/dashboard/login/")
+
+
+def test_sign_in_with_the_form_and_sign_out(world):
+    client = Client(enforce_csrf_checks=True)
+    page = client.get("/dashboard/login/")
+    token = page.cookies["csrftoken"].value
+    response = client.post(
+        "/dashboard/login/", {"username": "member-a", "password": "pw-12345678", "csrfmiddlewaretoken": token}
+    )
+    assert response.status_code == 302 and response["Location"] == "/dashboard/"
+    assert "Tenant A" in client.get("/dashboard/").content.decode()
+    assert (
+        client.post("/dashboard/logout/", {"csrfmiddlewaretoken": client.cookies["csrftoken"].value}).status_code == 302
+    )
+    assert client.get("/dashboard/").status_code == 302
+
+
+def test_forms_refuse_posts_without_csrf(world):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(world["a"]["owner"])
+    assert client.post("/dashboard/keys/", {"name": "x"}).status_code == 403
+    assert client.post(f"/dashboard/keys/{world['a']['key'].pk}/revoke/").status_code == 403
+    assert ApiKey.objects.filter(name="x").count() == 0
+
+
+def test_every_page_renders_for_a_member(world):
+    client = _client(world["a"]["member"])
+    query = world["a"]["query"]
+    for url in (
+        "/dashboard/",
+        "/dashboard/keys/",
+        "/dashboard/queries/",
+        f"/dashboard/queries/{query.pk}/",
+        "/dashboard/playground/",
+        f"/dashboard/keys/{world['a']['key'].pk}/",
+    ):
+        assert client.get(url).status_code == 200, url
+    image = client.get(f"/dashboard/queries/{query.pk}/image.png")
+    assert image.status_code == 200 and image["Content-Type"] == "image/png"
+
+
+def test_a_member_of_a_gets_404_for_everything_of_b(world):
+    client = _client(world["a"]["owner"])
+    b = world["b"]
+    assert client.get(f"/dashboard/queries/{b['query'].pk}/").status_code == 404
+    assert client.get(f"/dashboard/queries/{b['query'].pk}/image.png").status_code == 404
+    assert client.get(f"/dashboard/keys/{b['key'].pk}/").status_code == 404
+    assert client.post(f"/dashboard/keys/{b['key'].pk}/revoke/").status_code == 404
+    assert client.post("/dashboard/switch/", {"tenant": b["tenant"].pk}).status_code == 404
+    log = client.get("/dashboard/queries/").content.decode()
+    assert "prompt of a" in log and "prompt of b" not in log
+    assert ApiKey.objects.get(pk=b["key"].pk).revoked_at is None
+
+
+def test_tenant_switching_within_memberships(world):
+    user = world["a"]["member"]
+    services.add_member(world["b"]["tenant"], user, Membership.Role.MEMBER)
+    client = _client(user)
+    assert "prompt of a" in client.get("/dashboard/queries/").content.decode()
+    assert client.post("/dashboard/switch/", {"tenant": world["b"]["tenant"].pk}).status_code == 302
+    log = client.get("/dashboard/queries/").content.decode()
+    assert "prompt of b" in log and "prompt of a" not in log
+
+
+def test_key_is_shown_once_and_overrides_stay_within_the_tenant(world):
+    client = _client(world["a"]["owner"])
+    created = client.post("/dashboard/keys/", {"name": "ci", "requests_per_minute": "10"})
+    assert created.status_code == 201
+    page = created.content.decode()
+    key = ApiKey.objects.get(name="ci")
+    start = page.index(f"sl_{key.prefix}_")
+    plaintext = page[start : start + 3 + 8 + 1 + 32]
+    assert services.authenticate_key(plaintext).pk == key.pk and key.requests_per_minute == 10
+    assert plaintext not in client.get("/dashboard/keys/").content.decode()  # never again
+    too_much = client.post("/dashboard/keys/", {"name": "greedy", "requests_per_minute": "100000"})
+    assert "at most 60" in too_much.content.decode()
+    assert not ApiKey.objects.filter(name="greedy").exists()
+
+
+def test_members_read_but_do_not_manage_keys(world):
+    client = _client(world["a"]["member"])
+    assert client.post("/dashboard/keys/", {"name": "nope"}).status_code == 403
+    assert client.post(f"/dashboard/keys/{world['a']['key'].pk}/revoke/").status_code == 403
+    assert ApiKey.objects.get(pk=world["a"]["key"].pk).revoked_at is None
+
+
+def test_revoke_takes_effect_on_the_next_api_call(world, api_client):
+    a = world["a"]
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {a['plaintext']}")
+    assert api_client.get("/v1/models").status_code == 200
+    assert _client(a["owner"]).post(f"/dashboard/keys/{a['key'].pk}/revoke/").status_code == 302
+    response = api_client.get("/v1/models")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "key_revoked"
+
+
+def test_admin_is_staff_only_and_reviews_usage(world):
+    assert _client(world["a"]["owner"]).get("/admin/usage/").status_code == 302
+    staff = services.create_user("staff", password="pw-12345678")
+    staff.is_staff = staff.is_superuser = True
+    staff.save()
+    usage.record_outcome(world["a"]["query"])
+    client = _client(staff)
+    page = client.get("/admin/usage/")
+    assert page.status_code == 200 and b"<svg" in page.content and b"Tenant A" in page.content
+    query = world["a"]["query"]
+    assert client.get("/admin/inference/query/").status_code == 200
+    assert client.get("/admin/inference/query/?q=prompt").status_code == 200
+    detail = client.get(f"/admin/inference/query/{query.pk}/change/")
+    assert detail.status_code == 200 and f"/admin/queries/{query.pk}/image.png".encode() in detail.content
+    assert client.get(f"/admin/queries/{query.pk}/image.png")["Content-Type"] == "image/png"
+    for url in (
+        "/admin/accounts/tenant/",
+        "/admin/accounts/apikey/",
+        "/admin/accounts/membership/",
+        "/admin/inference/usagedaily/",
+    ):
+        assert client.get(url).status_code == 200, url
+    exported = client.post(
+        "/admin/inference/query/?tenant__id__exact=" + str(world["a"]["tenant"].pk),
+        {"action": "export_csv", "_selected_action": [query.pk]},
+    )
+    rows = list(csv.reader(io.StringIO(b"".join(exported.streaming_content).decode())))
+    assert rows[0][0] == "id" and rows[1][0] == str(query.pk) and len(rows) == 2
+    revoke = client.post("/admin/accounts/apikey/", {"action": "revoke", "_selected_action": [world["b"]["key"].pk]})
+    assert revoke.status_code == 302 and ApiKey.objects.get(pk=world["b"]["key"].pk).revoked_at is not None
+
+
+def test_invite_member_command_gives_access_to_that_tenant_only(world):
+    from django.core.management import call_command
+
+    call_command("invite_member", "b", "newbie", "--password", "pw-12345678")
+    client = Client()
+    assert client.login(username="newbie", password="pw-12345678")
+    log = client.get("/dashboard/queries/").content.decode()
+    assert "prompt of b" in log and "prompt of a" not in log
+
+
+def test_seed_demo_fills_the_pages(db):
+    from django.core.management import call_command
+
+    call_command("seed_demo", "--queries", "50")
+    from django.contrib.auth import get_user_model
+
+    client = _client(get_user_model().objects.get(username="demo"))
+    assert Query.objects.filter(tenant__slug="demo").count() == 50
+    overview = client.get("/dashboard/").content.decode()
+    assert "<svg" in overview and "seeded" in overview
