@@ -35,6 +35,7 @@ serve: install
 test: install
 	$(VENV)/bin/ruff check .
 	scripts/ensure-services
+	scripts/ensure-chromium
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

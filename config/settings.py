@@ -8,6 +8,7 @@ in-memory channel layer, local quota counters and one in-process worker thread t
 This module must never import torch or transformers: the web tier does not load them.
 """
 
+import contextlib
 from pathlib import Path
 
 from config.env import env_bool, env_float, env_int, env_list, env_str, parse_database_url
@@ -45,6 +46,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Daphne serves no static files: the admin's and dashboard's CSS/JS come from WhiteNoise, straight
+    # from the apps' static folders (no collectstatic step needed; run it for far-future caching).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -207,7 +211,10 @@ STATIC_URL = "static/"
 LOGIN_URL = "dashboard:login"
 LOGIN_REDIRECT_URL = "dashboard:overview"
 LOGOUT_REDIRECT_URL = "dashboard:login"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(VAR_DIR / "static")))  # `collectstatic` writes here
+with contextlib.suppress(OSError):  # WhiteNoise warns about a missing folder; empty, it serves from the apps
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+WHITENOISE_USE_FINDERS = True
 
 LOGGING = {
     "version": 1,

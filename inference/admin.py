@@ -1,11 +1,24 @@
 import csv
+import uuid
+from datetime import datetime
 
 from django.contrib import admin
+from django.core.paginator import Paginator
+from django.db import models
+from django.db.models import Max, Min
 from django.http import StreamingHttpResponse
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.functional import cached_property
 from django.utils.html import format_html
 
 from inference.models import Query, UsageDaily
+from inference.services import served_models
+
+# The query log may hold millions of rows. Nothing on its admin list may scan them all: counts stop
+# at COUNT_CAP, the model filter lists the served models (not SELECT DISTINCT), and the date
+# hierarchy reads only the first and last row of the filtered list (both index lookups).
+COUNT_CAP = 10_000
 
 
 class _Echo:
@@ -30,6 +43,52 @@ CSV_FIELDS = [
 ]
 
 
+class CappedCountPaginator(Paginator):
+    """Counts at most COUNT_CAP + 1 rows: `capped` says the list holds more than `count` shows."""
+
+    @cached_property
+    def count(self):
+        counted = self.object_list[: COUNT_CAP + 1].count()
+        self.capped = counted > COUNT_CAP
+        return min(counted, COUNT_CAP)
+
+    capped = False
+
+
+class CalendarQuerySet(models.QuerySet):
+    """The admin's query list. Django's date hierarchy asks for the distinct years, months or days
+    that hold rows (a scan of every matching row); this answers with the calendar between the
+    first and last matching rows instead, found through the created_at indexes. A day with no
+    queries may be offered; following it shows an empty list."""
+
+    def datetimes(self, field_name, kind, order="ASC", tzinfo=None):
+        bounds = self.order_by().aggregate(first=Min(field_name), last=Max(field_name))
+        if bounds["first"] is None:
+            return []
+        first, last = (timezone.localtime(v) for v in (bounds["first"], bounds["last"]))
+        tz = timezone.get_current_timezone()
+        if kind == "year":
+            return [datetime(y, 1, 1, tzinfo=tz) for y in range(first.year, last.year + 1)]
+        if kind == "month":
+            return [datetime(first.year, m, 1, tzinfo=tz) for m in range(first.month, last.month + 1)]
+        if kind == "day":
+            return [datetime(first.year, first.month, d, tzinfo=tz) for d in range(first.day, last.day + 1)]
+        raise ValueError(f"unsupported kind {kind!r}")
+
+
+class ModelFilter(admin.SimpleListFilter):
+    """The served models (settings), not a SELECT DISTINCT over the query log."""
+
+    title = "model"
+    parameter_name = "model"
+
+    def lookups(self, request, model_admin):
+        return [(m, m) for m in served_models()]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(model=self.value()) if self.value() else queryset
+
+
 @admin.register(Query)
 class QueryAdmin(admin.ModelAdmin):
     """The query log, read-only. Filter, search, look at one, or export a filtered list as CSV."""
@@ -46,16 +105,19 @@ class QueryAdmin(admin.ModelAdmin):
         "completion_tokens",
         "latency",
     ]
-    list_filter = ["status", "endpoint", "model", "tenant", "created_at"]
+    list_filter = ["status", "endpoint", ModelFilter, "tenant", "created_at"]
     search_fields = ["=id", "prompt"]
     date_hierarchy = "created_at"
     list_select_related = ["tenant", "api_key"]
-    show_full_result_count = False  # no COUNT(*) over millions of rows on every page
+    paginator = CappedCountPaginator
+    show_full_result_count = False  # no second, unfiltered COUNT(*) on every page
     actions = ["export_csv"]
     exclude = ["params"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).defer("answer", "params")
+        queryset = super().get_queryset(request).defer("answer", "params")
+        queryset.__class__ = CalendarQuerySet
+        return queryset
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in Query._meta.fields] + ["image_preview", "params", "latency", "answer"]
@@ -70,14 +132,16 @@ class QueryAdmin(admin.ModelAdmin):
         return False
 
     def get_search_results(self, request, queryset, search_term):
-        # `=id` must not break on text that is no UUID: search the prompt only then.
-        import uuid
-
+        # A query id finds that query through the primary key; any other text searches the prompts
+        # (a trigram index on PostgreSQL, migration 0005). Django's own `=id` search would compare
+        # the id as text and read every row.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
         try:
-            uuid.UUID(search_term)
+            return queryset.filter(pk=uuid.UUID(term)), False
         except ValueError:
-            return queryset.filter(prompt__icontains=search_term), False
-        return super().get_search_results(request, queryset, search_term)
+            return queryset.filter(prompt__icontains=term), False
 
     @admin.display(description="latency (s)")
     def latency(self, obj):

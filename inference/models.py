@@ -61,6 +61,7 @@ class Query(models.Model):
         ordering = ["-created_at"]
         verbose_name_plural = "queries"
         indexes = [
+            models.Index(fields=["-created_at"], name="query_created"),  # the admin's list and date hierarchy
             models.Index(fields=["tenant", "-created_at"], name="query_tenant_created"),
             models.Index(fields=["api_key", "-created_at"], name="query_key_created"),
             # the sweeper's scan for finished queries whose quota was not settled

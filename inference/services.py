@@ -7,6 +7,7 @@ Every endpoint goes through the same path: authenticate (DRF), check the input, 
 import asyncio
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
@@ -88,6 +89,16 @@ def check_input(*, prompt, image_bytes: bytes | None, max_tokens=None, temperatu
 
 def served_models() -> list[str]:
     return [settings.INFERENCE_MODEL_NAME]
+
+
+def serves_tiny_model() -> bool:
+    """Whether INFERENCE_MODEL is the random test model of build_tiny_model (pages then say its
+    answers are noise). Read from the folder's README, so the web tier never loads the model."""
+    readme = Path(settings.INFERENCE_MODEL) / "README.md"
+    try:
+        return readme.read_text(encoding="utf-8", errors="replace").startswith("# tiny-glm4v")
+    except OSError:
+        return False
 
 
 def check_model(api_key, model: str | None) -> str:

@@ -10,7 +10,7 @@ from django.shortcuts import render
 
 from accounts import dashboard
 from accounts.views import _context
-from inference import selectors
+from inference import selectors, services
 from inference.charts import bar_chart
 from inference.models import Query, QueryImage
 
@@ -97,7 +97,11 @@ def query_image(request, query_id):
 @login_required
 def playground(request):
     membership = dashboard.current_membership(request)
-    return render(request, "dashboard/playground.html", _context(request, membership))
+    return render(
+        request,
+        "dashboard/playground.html",
+        _context(request, membership, tiny_model=services.serves_tiny_model()),
+    )
 
 
 @staff_member_required
@@ -141,7 +145,7 @@ def admin_usage(request):
         request,
         "admin/usage.html",
         {
-            "title": "Usage",
+            "title": f"Usage, last {days} days",
             "days": days,
             "charts": charts,
             "tenants": tenants,

@@ -183,6 +183,42 @@ def test_admin_is_staff_only_and_reviews_usage(world):
     assert revoke.status_code == 302 and ApiKey.objects.get(pk=world["b"]["key"].pk).revoked_at is not None
 
 
+def _ids_listed(page) -> set[str]:
+    import re
+
+    return set(re.findall(r"/admin/inference/query/([0-9a-f-]{36})/change/", page.content.decode()))
+
+
+def test_admin_query_list_searches_filters_and_drills_down_by_date(world, monkeypatch):
+    from inference import admin as query_admin
+
+    staff = services.create_user("staff", password="pw-12345678")
+    staff.is_staff = staff.is_superuser = True
+    staff.save()
+    client = _client(staff)
+    a, b = world["a"]["query"], world["b"]["query"]
+    Query.objects.filter(pk=b.pk).update(created_at=a.created_at.replace(year=a.created_at.year - 1))
+    assert _ids_listed(client.get(f"/admin/inference/query/?q={a.pk}")) == {str(a.pk)}
+    assert _ids_listed(client.get("/admin/inference/query/?q=PROMPT+OF+B")) == {str(b.pk)}
+    assert _ids_listed(client.get("/admin/inference/query/?q=no+such+prompt")) == set()
+    model = Query.objects.get(pk=a.pk).model
+    assert _ids_listed(client.get(f"/admin/inference/query/?model={model}")) == {str(a.pk), str(b.pk)}
+
+    # The date hierarchy: the years between the first and last query, then that year's months.
+    top = client.get("/admin/inference/query/").content.decode()
+    for year in (a.created_at.year - 1, a.created_at.year):
+        assert f"?created_at__year={year}" in top
+    year = client.get(f"/admin/inference/query/?created_at__year={a.created_at.year}")
+    assert _ids_listed(year) == {str(a.pk)}
+    assert f"created_at__month={a.created_at.month}" in year.content.decode()
+
+    # Counting stops at the cap, and the page says so.
+    monkeypatch.setattr(query_admin, "COUNT_CAP", 1)
+    capped = client.get("/admin/inference/query/").content.decode()
+    assert "more than 1 queries" in capped
+    assert "more than" not in client.get(f"/admin/inference/query/?q={a.pk}").content.decode()
+
+
 def test_invite_member_command_gives_access_to_that_tenant_only(world):
     from django.core.management import call_command
 

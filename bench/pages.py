@@ -1,0 +1,225 @@
+"""How fast the dashboard and admin pages answer with a large query log (default 1,000,000 rows).
+
+    .venv/bin/python bench/pages.py [--rows 1000000] [--repeat 15]
+
+Recreates the database `sightline_bench`, fills the query log with SQL (generate_series: 4 tenants,
+8 keys, 90 days; 3% failed), builds the daily rollups from it the way settled queries would, and
+ANALYZEs. Then it starts Daphne (the production web server) on that database and asks each page
+over HTTP with a signed-in session — a tenant owner for /dashboard/, a superuser for /admin/ —
+printing p50 and p99 wall time per page. The rows are synthetic (no model ran): this measures the
+pages' queries and rendering, not inference.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+from _common import REPO, fresh_database, pct  # noqa: E402
+
+TENANTS = [("acme", 0.55), ("globex", 0.25), ("initech", 0.15), ("umbrella", 0.05)]
+DAYS = 90
+
+
+def fill(rows: int) -> None:
+    """The query log and its rollups, in SQL (the ORM would take an hour for a million rows)."""
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from accounts import services
+    from accounts.models import Membership
+    from inference.models import Query, QueryImage
+    from inference.samples import sample_png
+
+    owner = services.create_user("bench-owner", password="bench-password-123")
+    get_user_model().objects.create_superuser("bench-admin", password="bench-password-123")
+    for slug, _share in TENANTS:
+        tenant = services.create_tenant(slug.title(), slug=slug)
+        services.add_member(tenant, owner, Membership.Role.OWNER)
+        for name in ("production", "staging"):
+            services.create_api_key(tenant, name)
+
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH keys AS (
+                SELECT k.id AS key_id, k.tenant_id, row_number() OVER (ORDER BY k.id) - 1 AS n FROM accounts_apikey k
+            ), rows AS (
+                SELECT g, random() AS r, random() AS s, now() - (random() * %(days)s) * interval '1 day' AS created
+                FROM generate_series(1, %(rows)s) g
+            )
+            INSERT INTO inference_query (
+                id, tenant_id, api_key_id, model, endpoint, status, prompt, params, image_sha256, image_format,
+                image_width, image_height, image_bytes, answer, finish_reason, prompt_tokens, completion_tokens,
+                error_code, error_message, client_ip, user_agent, worker, reserved_tokens, settled_at,
+                created_at, started_at, first_token_at, finished_at)
+            SELECT gen_random_uuid(), keys.tenant_id, keys.key_id, 'glm-4.6v-flash',
+                (ARRAY['glm_infer','chat_completions','queries','websocket'])[1 + (g %% 4)],
+                CASE WHEN rows.s < 0.03 THEN 'failed' ELSE 'succeeded' END,
+                'Question number ' || g || ': what is in this picture?', '{}'::jsonb,
+                md5(g::text) || md5((g + 1)::text), 'png', 640, 480, 50000 + (g %% 1000),
+                CASE WHEN rows.s < 0.03 THEN '' ELSE 'A synthetic answer for benchmark row ' || g END,
+                CASE WHEN rows.s < 0.03 THEN '' ELSE 'stop' END,
+                200 + (g %% 100), CASE WHEN rows.s < 0.03 THEN 0 ELSE 20 + (g %% 200) END,
+                CASE WHEN rows.s < 0.03 THEN 'worker_lost' ELSE '' END, '', '127.0.0.1', 'bench', 'bench@host',
+                256, rows.created, rows.created, rows.created + interval '20 ms',
+                rows.created + interval '40 ms', rows.created + (0.2 + rows.s) * interval '1 second'
+            FROM rows JOIN keys ON keys.n = (
+                CASE WHEN rows.r < 0.55 THEN 0 WHEN rows.r < 0.80 THEN 2 WHEN rows.r < 0.95 THEN 4 ELSE 6 END
+                + (g %% 2))
+            """,
+            {"rows": rows, "days": DAYS},
+        )
+        # The rollups, as settling each of those queries would have written them.
+        buckets = ", ".join(
+            f"count(*) FILTER (WHERE status = 'succeeded' AND ms {'>' if i else '>='} {low} AND ms <= {high})"
+            for i, (low, high) in enumerate(_bucket_bounds())
+        )
+        cursor.execute(
+            f"""
+            INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, requests, succeeded, failed, rejected,
+                prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
+            SELECT day, tenant_id, api_key_id, count(*), count(*) FILTER (WHERE status = 'succeeded'),
+                count(*) FILTER (WHERE status = 'failed'), 0, sum(prompt_tokens), sum(completion_tokens),
+                coalesce(sum(ms) FILTER (WHERE status = 'succeeded'), 0), jsonb_build_array({buckets})
+            FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, status,
+                         prompt_tokens, completion_tokens,
+                         (extract(epoch FROM finished_at - created_at) * 1000)::bigint AS ms
+                  FROM inference_query) q
+            GROUP BY day, tenant_id, api_key_id
+            """
+        )
+        cursor.execute("ANALYZE")
+    # A few images, for the detail pages.
+    png = sample_png()
+    for query in Query.objects.order_by("-created_at")[:20]:
+        QueryImage.objects.create(query=query, content=png, content_type="image/png", width=640, height=480)
+    print(f"filled {rows:,} query rows and their rollups in {time.perf_counter() - started:.1f} s")
+
+
+def _bucket_bounds():
+    from inference.models import UsageDaily
+
+    bounds, low = [], 0
+    for high in UsageDaily.LATENCY_BUCKETS_MS:
+        bounds.append((low, high))
+        low = high
+    bounds.append((low, 2**62))
+    return bounds
+
+
+def session_cookie(username: str) -> str:
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    client = Client()
+    client.force_login(get_user_model().objects.get(username=username))
+    return client.cookies["sessionid"].value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+
+    env = {
+        "DATABASE_URL": fresh_database(),
+        "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+        "REDIS_KEY_PREFIX": "sightline-bench-pages",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+    }
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    fill(args.rows)
+
+    from accounts.models import ApiKey, Tenant
+    from inference.models import Query
+
+    acme = Tenant.objects.get(slug="acme")
+    key = ApiKey.objects.filter(tenant=acme).first()
+    recent = Query.objects.filter(tenant=acme).order_by("-created_at").only("id", "created_at").first()
+    newest = Query.objects.order_by("-created_at").only("id", "created_at").first()
+    old = Query.objects.filter(tenant=acme).order_by("-created_at").only("created_at")[min(50_000, args.rows // 10)]
+    owner, admin = session_cookie("bench-owner"), session_cookie("bench-admin")
+
+    port = 8765
+    web = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        pages = [
+            ("owner", "/dashboard/"),
+            ("owner", "/dashboard/keys/"),
+            ("owner", f"/dashboard/keys/{key.pk}/"),
+            ("owner", "/dashboard/queries/"),
+            ("owner", "/dashboard/queries/?status=failed"),
+            ("owner", f"/dashboard/queries/?key={key.pk}&endpoint=websocket"),
+            ("owner", f"/dashboard/queries/?before={old.created_at.isoformat().replace('+', '%2B')}"),
+            ("owner", f"/dashboard/queries/{recent.pk}/"),
+            ("owner", "/dashboard/playground/"),
+            ("admin", "/admin/"),
+            ("admin", "/admin/usage/"),
+            ("admin", "/admin/usage/?days=90"),
+            ("admin", "/admin/inference/query/"),
+            ("admin", "/admin/inference/query/?p=50"),
+            ("admin", f"/admin/inference/query/?tenant__id__exact={acme.pk}"),
+            ("admin", "/admin/inference/query/?status__exact=failed"),
+            ("admin", "/admin/inference/query/?model=glm-4.6v-flash&endpoint__exact=queries"),
+            (
+                "admin",
+                f"/admin/inference/query/?created_at__year={newest.created_at.year}"
+                f"&created_at__month={newest.created_at.month}",
+            ),
+            (
+                "admin",
+                f"/admin/inference/query/?created_at__year={newest.created_at.year}"
+                f"&created_at__month={newest.created_at.month}&created_at__day={newest.created_at.day}",
+            ),
+            ("admin", f"/admin/inference/query/?q={recent.pk}"),
+            ("admin", f"/admin/inference/query/{recent.pk}/change/"),
+            ("admin", "/admin/inference/usagedaily/"),
+            ("admin", "/admin/accounts/apikey/"),
+            ("admin", "/admin/accounts/tenant/"),
+            ("admin", "/admin/inference/query/?q=number+123456"),  # free-text search: scans prompts
+        ]
+        print(f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Daphne), after one warm-up")
+        print(f"{'who':6} {'p50 ms':>8} {'p99 ms':>8}  page")
+        for who, path in pages:
+            cookie = f"sessionid={owner if who == 'owner' else admin}"
+            times = []
+            for i in range(args.repeat + 1):
+                request = urllib.request.Request(base + path, headers={"Cookie": cookie})
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    response.read()
+                    status, landed = response.status, response.geturl()
+                    assert "login" not in landed, f"{path} sent the {who} to {landed}"
+                if i:
+                    times.append((time.perf_counter() - t0) * 1000)
+            assert status == 200, (path, status)
+            print(f"{who:6} {pct(times, 50):8.1f} {pct(times, 99):8.1f}  {path}")
+    finally:
+        web.terminate()
+        web.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
