@@ -104,6 +104,8 @@ class ThreadDispatcher:
                 self._recover(publisher)
             except Exception:
                 logger.exception("could not recover queries left by a previous run")
+            finally:
+                close_old_connections()  # the thread may wait long for work: hold no connection meanwhile
         while True:
             query_id = self._queue.get()
             close_old_connections()
