@@ -198,7 +198,8 @@ def main():
             ("admin", "/admin/inference/usagedaily/"),
             ("admin", "/admin/accounts/apikey/"),
             ("admin", "/admin/accounts/tenant/"),
-            ("admin", "/admin/inference/query/?q=number+123456"),  # free-text search: scans prompts
+            ("admin", "/admin/inference/query/?q=number+123456"),  # free-text search (trigram index)
+            ("admin", "/metrics"),  # not a page, but read from the same tables
         ]
         print(f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Daphne), after one warm-up")
         print(f"{'who':6} {'p50 ms':>8} {'p99 ms':>8}  page")

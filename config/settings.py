@@ -163,6 +163,10 @@ DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)
 # Remote image URLs are refused unless their host is listed here (no server-side fetching by default).
 IMAGE_URL_ALLOWED_HOSTS = env_list("IMAGE_URL_ALLOWED_HOSTS", [])
 SYNC_TIMEOUT = env_float("SYNC_TIMEOUT", 30.0)
+# GET /metrics: open when METRICS_TOKEN is unset (like vLLM's and LiteLLM's); else it wants
+# `Authorization: Bearer <METRICS_TOKEN>`. Recent-latency quantiles cover METRICS_WINDOW_SECONDS.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+METRICS_WINDOW_SECONDS = env_int("METRICS_WINDOW_SECONDS", 300)
 # Token reservations (quotas) bound a query's prompt tokens from above: the prompt's UTF-8 bytes,
 # plus at most IMAGE_TOKEN_BOUND for the image (GLM: one token per 28x28 pixels after scaling to
 # MAX_IMAGE_SIDE) and TEMPLATE_TOKEN_BOUND for the chat template.

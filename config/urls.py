@@ -8,6 +8,7 @@ urlpatterns = [
     path("", include("inference.urls")),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi"), name="docs"),
+    path("metrics", inference_views.metrics, name="metrics"),
     path("admin/usage/", inference_views.admin_usage, name="admin-usage"),
     path("admin/queries/<uuid:query_id>/image.png", inference_views.admin_query_image, name="admin-query-image"),
     path("admin/", admin.site.urls),

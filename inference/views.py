@@ -3,13 +3,18 @@
 
 from datetime import UTC, datetime, timedelta
 
+from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.utils.crypto import constant_time_compare
+from django.views.decorators.http import require_GET
 
 from accounts import dashboard
 from accounts.views import _context
+from config.errors import ApiError, error_body
+from inference import metrics as inference_metrics
 from inference import selectors, services
 from inference.charts import bar_chart
 from inference.models import Query, QueryImage
@@ -102,6 +107,17 @@ def playground(request):
         "dashboard/playground.html",
         _context(request, membership, tiny_model=services.serves_tiny_model()),
     )
+
+
+@require_GET
+def metrics(request):
+    """``GET /metrics`` (Prometheus). With METRICS_TOKEN set, only for `Authorization: Bearer` it."""
+    token = settings.METRICS_TOKEN
+    if token and not constant_time_compare(request.headers.get("Authorization", ""), f"Bearer {token}"):
+        error = ApiError("unauthorized", "GET /metrics wants 'Authorization: Bearer <METRICS_TOKEN>'.")
+        return JsonResponse(error_body(error), status=error.status, headers={"WWW-Authenticate": "Bearer"})
+    body, content_type = inference_metrics.render(request.headers.get("Accept"))
+    return HttpResponse(body, content_type=content_type)
 
 
 @staff_member_required

@@ -1,0 +1,134 @@
+"""``GET /metrics`` in Prometheus' text format.
+
+Every figure is read from state the whole deployment shares — the daily rollups, the live rows of
+the query log, the workers' heartbeats — not from counters kept in one process, so any web process
+answers for all of them, and a restart loses nothing:
+
+* ``sightline_requests_total{tenant,outcome}`` — queries that ended (``succeeded``, ``failed``) and
+  quota refusals (``rejected``); ``sightline_tokens_total{tenant,kind}``; and
+  ``sightline_request_duration_seconds{tenant}``, a histogram of acceptance-to-answer time of the
+  succeeded ones (the rollups' buckets). All from ``UsageDaily``, never a scan of the query log.
+* ``sightline_queue_depth{model}`` and ``sightline_queries_running{model}`` — accepted queries
+  waiting for a worker, and running.
+* ``sightline_recent_{queue,first_token,total}_seconds{quantile}`` — p50/p90/p99 over the queries
+  that succeeded in the last ``METRICS_WINDOW_SECONDS`` (300): time queued, to the first token,
+  and in all.
+* ``sightline_workers{queue}`` — live workers with the model loaded (1 for the embedded thread).
+"""
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Count, Sum
+from django.utils import timezone
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+from inference.dispatch import get_dispatcher
+from inference.models import Query, UsageDaily
+from inference.services import served_models
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class SightlineCollector:
+    def collect(self):
+        yield from self._usage()
+        yield from self._live()
+        yield from self._recent()
+        status = get_dispatcher().status()
+        workers = GaugeMetricFamily("sightline_workers", "Live workers with the model loaded", labels=["queue"])
+        workers.add_metric([status.get("queue", "embedded")], status.get("workers", 1) if status["model_loaded"] else 0)
+        yield workers
+
+    def _usage(self):
+        requests = CounterMetricFamily(
+            "sightline_requests", "Queries that ended, and quota refusals", labels=["tenant", "outcome"]
+        )
+        tokens = CounterMetricFamily("sightline_tokens", "Tokens of queries that ended", labels=["tenant", "kind"])
+        duration = HistogramMetricFamily(
+            "sightline_request_duration_seconds",
+            "Acceptance to answer, succeeded queries",
+            labels=["tenant"],
+        )
+        totals = (
+            UsageDaily.objects.values("tenant__slug")
+            .annotate(
+                succeeded=Sum("succeeded"),
+                failed=Sum("failed"),
+                rejected=Sum("rejected"),
+                prompt=Sum("prompt_tokens"),
+                completion=Sum("completion_tokens"),
+                latency_ms=Sum("latency_ms_total"),
+            )
+            .order_by("tenant__slug")
+        )
+        histograms: dict[str, list[int]] = {}
+        for slug, histogram in UsageDaily.objects.values_list("tenant__slug", "latency_histogram"):
+            counts = histograms.setdefault(slug, [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1))
+            for i, n in enumerate(histogram or []):
+                counts[i] += n
+        bounds = [str(ms / 1000) for ms in UsageDaily.LATENCY_BUCKETS_MS] + ["+Inf"]
+        for row in totals:
+            slug = row["tenant__slug"]
+            for outcome in ("succeeded", "failed", "rejected"):
+                requests.add_metric([slug, outcome], row[outcome] or 0)
+            tokens.add_metric([slug, "prompt"], row["prompt"] or 0)
+            tokens.add_metric([slug, "completion"], row["completion"] or 0)
+            cumulative, buckets = 0, []
+            for bound, n in zip(bounds, histograms.get(slug, []), strict=False):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            duration.add_metric([slug], buckets or [("+Inf", 0)], sum_value=(row["latency_ms"] or 0) / 1000)
+        yield requests
+        yield tokens
+        yield duration
+
+    def _live(self):
+        depth = GaugeMetricFamily("sightline_queue_depth", "Accepted queries waiting for a worker", labels=["model"])
+        running = GaugeMetricFamily("sightline_queries_running", "Queries a worker is running", labels=["model"])
+        counts = {(m, s): 0 for m in served_models() for s in (Query.Status.QUEUED, Query.Status.RUNNING)}
+        live = Query.objects.filter(status__in=[Query.Status.QUEUED, Query.Status.RUNNING])
+        for row in live.values("model", "status").annotate(n=Count("id")).order_by():
+            counts[(row["model"], row["status"])] = row["n"]
+        for (model, status), n in sorted(counts.items()):
+            (depth if status == Query.Status.QUEUED else running).add_metric([model], n)
+        yield depth
+        yield running
+
+    def _recent(self):
+        window = settings.METRICS_WINDOW_SECONDS
+        since = timezone.now() - timedelta(seconds=window)
+        rows = Query.objects.filter(created_at__gte=since, status=Query.Status.SUCCEEDED).values_list(
+            "created_at", "started_at", "first_token_at", "finished_at"
+        )
+        spans = {"queue": [], "first_token": [], "total": []}
+        for created, started, first_token, finished in rows:
+            for name, end in (("queue", started), ("first_token", first_token), ("total", finished)):
+                if end is not None:
+                    spans[name].append((end - created).total_seconds())
+        for name, what in (("queue", "queued"), ("first_token", "to the first token"), ("total", "in all")):
+            family = GaugeMetricFamily(
+                f"sightline_recent_{name}_seconds",
+                f"Time {what}, queries that succeeded in the last {window} s",
+                labels=["quantile"],
+            )
+            ordered = sorted(spans[name])
+            for q in QUANTILES if ordered else ():
+                family.add_metric([str(q)], _quantile(ordered, q))
+            yield family
+
+
+def render(accept: str | None) -> tuple[bytes, str]:
+    """The body and its content type, in the format the scraper's Accept header asks for (the
+    classic text format 0.0.4 by default; OpenMetrics when asked), as prometheus_client's own
+    exposition negotiates it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SightlineCollector())
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
