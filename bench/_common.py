@@ -21,7 +21,7 @@ def pct(values, q):
 
 def fresh_database(env: dict | None = None) -> str:
     """Drop and create the benchmark database, migrate it, and return its URL."""
-    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {BENCH_DB}"], check=True)
+    subprocess.run(["psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)"], check=True)
     subprocess.run(["psql", f"{PG}/postgres", "-qc", f"CREATE DATABASE {BENCH_DB}"], check=True)
     env = {**os.environ, **(env or {}), "DATABASE_URL": BENCH_DATABASE_URL}
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)

@@ -16,15 +16,17 @@ answers for all of them, and a restart loses nothing:
 * ``sightline_workers{queue}`` — live workers with the model loaded (1 for the embedded thread).
 """
 
+import itertools
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Count, Sum
+from django.db.models import Count
 from django.utils import timezone
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 
+from inference import selectors
 from inference.dispatch import get_dispatcher
 from inference.models import Query, UsageDaily
 from inference.services import served_models
@@ -56,35 +58,15 @@ class SightlineCollector:
             "Acceptance to answer, succeeded queries",
             labels=["tenant"],
         )
-        totals = (
-            UsageDaily.objects.values("tenant__slug")
-            .annotate(
-                succeeded=Sum("succeeded"),
-                failed=Sum("failed"),
-                rejected=Sum("rejected"),
-                prompt=Sum("prompt_tokens"),
-                completion=Sum("completion_tokens"),
-                latency_ms=Sum("latency_ms_total"),
-            )
-            .order_by("tenant__slug")
-        )
-        histograms: dict[str, list[int]] = {}
-        for slug, histogram in UsageDaily.objects.values_list("tenant__slug", "latency_histogram"):
-            counts = histograms.setdefault(slug, [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1))
-            for i, n in enumerate(histogram or []):
-                counts[i] += n
         bounds = [str(ms / 1000) for ms in UsageDaily.LATENCY_BUCKETS_MS] + ["+Inf"]
-        for row in totals:
-            slug = row["tenant__slug"]
+        for entry in sorted(selectors.usage_by_tenant(), key=lambda e: e["tenant"].slug):
+            slug = entry["tenant"].slug
             for outcome in ("succeeded", "failed", "rejected"):
-                requests.add_metric([slug, outcome], row[outcome] or 0)
-            tokens.add_metric([slug, "prompt"], row["prompt"] or 0)
-            tokens.add_metric([slug, "completion"], row["completion"] or 0)
-            cumulative, buckets = 0, []
-            for bound, n in zip(bounds, histograms.get(slug, []), strict=False):
-                cumulative += n
-                buckets.append((bound, cumulative))
-            duration.add_metric([slug], buckets or [("+Inf", 0)], sum_value=(row["latency_ms"] or 0) / 1000)
+                requests.add_metric([slug, outcome], entry[outcome])
+            tokens.add_metric([slug, "prompt"], entry["prompt_tokens"])
+            tokens.add_metric([slug, "completion"], entry["completion_tokens"])
+            cumulative = list(itertools.accumulate(entry["histogram"]))
+            duration.add_metric([slug], list(zip(bounds, cumulative, strict=True)), entry["latency_ms_total"] / 1000)
         yield requests
         yield tokens
         yield duration

@@ -107,24 +107,24 @@ def usage_series(since, tenant_id=None, api_key_id=None) -> list[dict]:
     return series
 
 
-def usage_by_tenant(since) -> list[dict]:
-    """Per tenant over the period: requests, tokens, error rate, p50/p99 latency (from the histograms)."""
+def usage_by_tenant(since=None) -> list[dict]:
+    """Per tenant from ``since`` (a date; None: all time): requests, outcomes, tokens, error rate, the
+    summed latency histogram and its p50/p99, most requests first."""
     from inference.models import UsageDaily
 
     tenants: dict = {}
-    rows = (
-        UsageDaily.objects.filter(date__gte=since)
-        .select_related("tenant")
-        .only(
-            "tenant__name",
-            "tenant__slug",
-            "requests",
-            "failed",
-            "rejected",
-            "prompt_tokens",
-            "completion_tokens",
-            "latency_histogram",
-        )
+    rows = UsageDaily.objects.all() if since is None else UsageDaily.objects.filter(date__gte=since)
+    rows = rows.select_related("tenant").only(
+        "tenant__name",
+        "tenant__slug",
+        "requests",
+        "succeeded",
+        "failed",
+        "rejected",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms_total",
+        "latency_histogram",
     )
     for row in rows.iterator(chunk_size=2000):
         entry = tenants.setdefault(
@@ -132,20 +132,23 @@ def usage_by_tenant(since) -> list[dict]:
             {
                 "tenant": row.tenant,
                 "requests": 0,
+                "succeeded": 0,
                 "failed": 0,
                 "rejected": 0,
-                "tokens": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "latency_ms_total": 0,
                 "histogram": [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1),
             },
         )
-        entry["requests"] += row.requests
-        entry["failed"] += row.failed
-        entry["rejected"] += row.rejected
-        entry["tokens"] += row.prompt_tokens + row.completion_tokens
+        for name in ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens"):
+            entry[name] += getattr(row, name)
+        entry["latency_ms_total"] += row.latency_ms_total
         for index, count in enumerate(row.latency_histogram or []):
             entry["histogram"][index] += count
     result = []
     for entry in tenants.values():
+        entry["tokens"] = entry["prompt_tokens"] + entry["completion_tokens"]
         entry["error_rate"] = entry["failed"] / entry["requests"] if entry["requests"] else 0.0
         entry["p50_ms"] = UsageDaily.percentile_ms(entry["histogram"], 50)
         entry["p99_ms"] = UsageDaily.percentile_ms(entry["histogram"], 99)
