@@ -4,6 +4,11 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from inference import views as inference_views
 
+admin.site.site_header = "Sightline admin"
+admin.site.site_title = "Sightline"
+admin.site.index_title = "Tenants, keys and the query log"
+admin.site.enable_nav_sidebar = False  # the query list needs the width
+
 urlpatterns = [
     path("", include("inference.urls")),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),

@@ -28,7 +28,6 @@ class _Echo:
 
 # The query list's columns; the CSV export adds what a spreadsheet wants besides.
 COLUMNS = [
-    "id",
     "created_at",
     "tenant",
     "api_key",
@@ -38,7 +37,7 @@ COLUMNS = [
     "prompt_tokens",
     "completion_tokens",
 ]
-CSV_FIELDS = [*COLUMNS, "total_seconds", "error_code", "image_sha256", "prompt"]
+CSV_FIELDS = ["id", *COLUMNS, "total_seconds", "error_code", "image_sha256", "prompt"]
 
 
 class CappedCountPaginator(Paginator):
@@ -91,7 +90,7 @@ class ModelFilter(admin.SimpleListFilter):
 class QueryAdmin(admin.ModelAdmin):
     """The query log, read-only. Filter, search, look at one, or export a filtered list as CSV."""
 
-    list_display = [*COLUMNS, "latency"]
+    list_display = ["short_id", *COLUMNS, "latency"]
     list_filter = ["status", "endpoint", ModelFilter, "tenant", "created_at"]
     search_fields = ["=id", "prompt"]
     date_hierarchy = "created_at"
@@ -130,6 +129,10 @@ class QueryAdmin(admin.ModelAdmin):
             return queryset.filter(pk=uuid.UUID(term)), False
         except ValueError:
             return queryset.filter(prompt__icontains=term), False
+
+    @admin.display(description="id", ordering="id")
+    def short_id(self, obj):
+        return format_html('<span title="{}">{}…</span>', obj.pk, str(obj.pk)[:8])
 
     @admin.display(description="latency (s)")
     def latency(self, obj):

@@ -4,6 +4,7 @@
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse, JsonResponse
@@ -161,13 +162,12 @@ def admin_usage(request):
         request,
         "admin/usage.html",
         {
+            **admin.site.each_context(request),
             "title": f"Usage, last {days} days",
             "days": days,
             "charts": charts,
             "tenants": tenants,
             "per_tenant": per_tenant,
             "top_keys": selectors.top_keys(since),
-            "site_header": "Sightline",
-            "has_permission": True,
         },
     )

@@ -123,6 +123,13 @@ def test_create_copy_and_use_a_key_then_find_the_query_in_the_log(owner, live_st
     assert image.evaluate("img => img.complete && img.naturalWidth") == 48
     shot(page, "dashboard-query-detail")
 
+    # The overview counts it against the quotas (from the rollups) and charts it.
+    page.goto("/dashboard/")
+    tokens = stored.prompt_tokens + stored.completion_tokens
+    expect(page.locator(".card").first).to_contain_text(f"Today: 1 request (0 failed, 0 refused by quotas), {tokens}")
+    expect(page.locator("svg.chart").first).to_be_visible()
+    shot(page, "dashboard-overview")
+
 
 def test_playground_streams_the_answer_over_the_websocket(owner, browser_context, tmp_path):
     page = browser_context.new_page()
@@ -161,10 +168,11 @@ def admin_with_usage(db):
 
 def test_an_admin_reviews_usage_and_sees_the_charts(admin_with_usage, browser_context):
     page = browser_context.new_page()
-    page.goto("/admin/login/?next=/admin/usage/")
+    page.goto("/admin/login/?next=/admin/")
     page.fill("input[name=username]", "browser-admin")
     page.fill("input[name=password]", PASSWORD)
     page.click("input[type=submit]")
+    page.click("#sightline-nav >> text=Usage")
     expect(page.locator("h1")).to_have_text("Usage, last 30 days")
     chart = page.locator("svg.chart").first
     expect(chart).to_be_visible()
