@@ -4,6 +4,7 @@ Against the live production stack (Daphne + a Celery worker + Redis + PostgreSQL
 model, its answers are noise), and the token check with Django's test client."""
 
 import base64
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -47,9 +48,17 @@ def test_metrics_count_what_the_database_holds(live_stack):
     ]
     assert statuses == [200, 200, 429]  # the third is over 2 requests a minute
 
-    status, content_type, text = _get(live_stack.url + "/metrics")
-    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
-    samples = _samples(text)
+    # Workers are seen through their heartbeats (every 0.5 s here, gone after 3 s): on a loaded
+    # machine one may be late, so scrape until the worker shows, within a bound.
+    deadline = time.monotonic() + 30
+    while True:
+        status, content_type, text = _get(live_stack.url + "/metrics")
+        assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+        samples = _samples(text)
+        if samples.get(("sightline_workers", frozenset({("queue", live_stack.queue)}))) == 1:
+            break
+        assert time.monotonic() < deadline, "no live worker in /metrics within 30 s"
+        time.sleep(0.3)
 
     def value(name, **labels):
         return samples[(name, frozenset(labels.items()))]
