@@ -7,7 +7,6 @@ Every endpoint goes through the same path: authenticate (DRF), check the input, 
 import asyncio
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
@@ -15,7 +14,7 @@ from django.db import connection, transaction
 
 from accounts import quotas
 from config.errors import STATUS, ApiError
-from inference import events, runner
+from inference import events, runner, tiny_model
 from inference.dispatch import get_dispatcher
 from inference.images import CheckedImage, check_image
 from inference.models import Query, QueryImage
@@ -93,12 +92,8 @@ def served_models() -> list[str]:
 
 def serves_tiny_model() -> bool:
     """Whether INFERENCE_MODEL is the random test model of build_tiny_model (pages then say its
-    answers are noise). Read from the folder's README, so the web tier never loads the model."""
-    readme = Path(settings.INFERENCE_MODEL) / "README.md"
-    try:
-        return readme.read_text(encoding="utf-8", errors="replace").startswith("# tiny-glm4v")
-    except OSError:
-        return False
+    answers are noise)."""
+    return tiny_model.is_tiny_model(settings.INFERENCE_MODEL)
 
 
 def check_model(api_key, model: str | None) -> str:

@@ -64,7 +64,8 @@ _CORPUS = [
     "A street with cars, a bus, traffic lights and tall buildings.",
 ]
 
-_README = """# tiny-glm4v — a test model, not a real one
+README_TITLE = "# tiny-glm4v"  # the first line of the README it writes, by which it is recognised
+_README = f"""{README_TITLE} — a test model, not a real one
 
 Built offline by `python manage.py build_tiny_model`. Same architecture classes as
 GLM-4.6V-Flash (`Glm4vForConditionalGeneration`, `Glm4vProcessor`), 2 text layers 64 wide and a
@@ -181,6 +182,14 @@ def build_tiny_model(out_dir, seed: int = 0) -> Path:
     processor.save_pretrained(out)
     (out / "README.md").write_text(_README)
     return out
+
+
+def is_tiny_model(folder) -> bool:
+    """Whether ``folder`` holds a model this module built (read from its README: no torch needed)."""
+    try:
+        return (Path(folder) / "README.md").read_text(encoding="utf-8", errors="replace").startswith(README_TITLE)
+    except OSError:
+        return False
 
 
 def is_built(folder) -> bool:
