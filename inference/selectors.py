@@ -112,38 +112,21 @@ def usage_by_tenant(since=None) -> list[dict]:
     summed latency histogram and its p50/p99, most requests first."""
     from inference.models import UsageDaily
 
+    summed = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "latency_ms_total")
     tenants: dict = {}
     rows = UsageDaily.objects.all() if since is None else UsageDaily.objects.filter(date__gte=since)
-    rows = rows.select_related("tenant").only(
-        "tenant__name",
-        "tenant__slug",
-        "requests",
-        "succeeded",
-        "failed",
-        "rejected",
-        "prompt_tokens",
-        "completion_tokens",
-        "latency_ms_total",
-        "latency_histogram",
-    )
+    rows = rows.select_related("tenant").only("tenant__name", "tenant__slug", "latency_histogram", *summed)
     for row in rows.iterator(chunk_size=2000):
         entry = tenants.setdefault(
             row.tenant_id,
             {
                 "tenant": row.tenant,
-                "requests": 0,
-                "succeeded": 0,
-                "failed": 0,
-                "rejected": 0,
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-                "latency_ms_total": 0,
+                **dict.fromkeys(summed, 0),
                 "histogram": [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1),
             },
         )
-        for name in ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens"):
+        for name in summed:
             entry[name] += getattr(row, name)
-        entry["latency_ms_total"] += row.latency_ms_total
         for index, count in enumerate(row.latency_histogram or []):
             entry["histogram"][index] += count
     result = []
