@@ -21,8 +21,10 @@ logger = logging.getLogger("sightline.errors")
 
 STATUS = {
     "invalid_request": 400,
+    "unsupported_parameter": 400,
     "invalid_image": 400,
     "image_too_large": 413,
+    "payload_too_large": 413,
     "unauthorized": 401,
     "key_revoked": 401,
     "key_expired": 401,
@@ -33,11 +35,14 @@ STATUS = {
     "unsupported_media_type": 415,
     "rate_limited": 429,
     "quota_exceeded": 429,
+    "budget_exceeded": 429,
     "cancelled": 499,
     "timeout": 504,
     "gpu_oom": 507,
     "model_unavailable": 503,
     "worker_lost": 503,
+    "service_unavailable": 503,
+    "engine_error": 502,
     "internal_error": 500,
 }
 

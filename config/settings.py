@@ -157,7 +157,12 @@ INFERENCE_QUEUE = env_str("INFERENCE_QUEUE", f"infer.{INFERENCE_MODEL_NAME}")
 MAX_IMAGE_BYTES = env_int("MAX_IMAGE_BYTES", 10 * 1024 * 1024)
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000)
 MAX_IMAGE_SIDE = env_int("MAX_IMAGE_SIDE", 448)
-MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 8000)
+MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 8000)  # all messages of a conversation together
+# Prompt tokens of the whole conversation (template and images included). The web tier counts them
+# with the model's tokenizer when it can load one without torch, else bounds them from characters.
+MAX_PROMPT_TOKENS = env_int("MAX_PROMPT_TOKENS", 8192)
+# Images one request may carry (today one; the conversations issue raises it).
+MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 1)
 MAX_NEW_TOKENS = env_int("MAX_NEW_TOKENS", 1024)
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)
 # Remote image URLs are refused unless their host is listed here (no server-side fetching by default).
@@ -175,6 +180,16 @@ TEMPLATE_TOKEN_BOUND = env_int("TEMPLATE_TOKEN_BOUND", 32)
 STREAM_COALESCE_SECONDS = env_float("STREAM_COALESCE_SECONDS", 0.02)
 
 # --- http -----------------------------------------------------------------------------------
+# A request body may be at most MAX_REQUEST_BYTES: the images a request may carry as base64 (4/3
+# of their bytes) plus 1 MiB for the text. Larger bodies are refused with 413 payload_too_large
+# from their Content-Length (or the bytes streamed so far), before authentication and unbuffered.
+MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", -(-MAX_IMAGE_BYTES * MAX_IMAGES_PER_REQUEST * 4 // 3) + 1024 * 1024)
+# A websocket frame may carry what one MAX_IMAGE_BYTES image needs in base64, plus the frame's text.
+MAX_WS_FRAME_BYTES = env_int("MAX_WS_FRAME_BYTES", -(-MAX_IMAGE_BYTES * 4 // 3) + 64 * 1024)
+MAX_SOCKETS_PER_KEY = env_int("MAX_SOCKETS_PER_KEY", 32)  # open websockets per API key
+WS_AUTH_TIMEOUT_SECONDS = env_float("WS_AUTH_TIMEOUT_SECONDS", 10.0)  # unauthenticated sockets are closed
+# SIGTERM: a web process stops accepting, answers or ends (503) what it holds, and exits within this.
+SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0)
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", [])
 CORS_URLS_REGEX = r"^/v1/.*$"
 CORS_ALLOW_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id")
