@@ -9,6 +9,9 @@ PORT ?= 8000
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+# With DATABASE_URL set and DEBUG off, settings want a strong SECRET_KEY (a deployment). The suite's
+# own, for tests only: pytest's environment passes it to every process the tests start.
+TEST_SECRET_KEY ?= sightline-test-suite-key-not-for-production-0123456789abcdef
 
 .PHONY: install serve test lint bench-e2e
 
@@ -36,7 +39,8 @@ test: install
 	$(VENV)/bin/ruff check .
 	scripts/ensure-services
 	scripts/ensure-chromium
-	DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
+	SECRET_KEY=$(TEST_SECRET_KEY) DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) \
+		$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,28 +1,53 @@
 """Small helpers to read settings from the environment (no third-party parser needed)."""
 
 import os
+import re
 from urllib.parse import parse_qs, unquote, urlparse
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+def _bad(name: str, value: str, wanted: str) -> ImproperlyConfigured:
+    # Fail at start, naming the variable: a typo must not quietly become the default (or False).
+    return ImproperlyConfigured(f"{name}={value!r} is not valid: {wanted}.")
 
 
 def env_str(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
 def env_bool(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
-    if value is None or value == "":
+    if value is None or value.strip() == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    word = value.strip().lower()
+    if word not in TRUE | FALSE:
+        raise _bad(name, value, "use 1/0, true/false, yes/no or on/off")
+    return word in TRUE
 
 
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise _bad(name, value, "want a whole number") from None
 
 
 def env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
-    return default if value in (None, "") else float(value)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise _bad(name, value, "want a number") from None
 
 
 def env_list(name: str, default: list[str] | None = None) -> list[str]:
@@ -30,6 +55,21 @@ def env_list(name: str, default: list[str] | None = None) -> list[str]:
     if value is None or value.strip() == "":
         return list(default or [])
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """The request header a trusted proxy sets to ``https`` for TLS requests, as Django's
+    ``SECURE_PROXY_SSL_HEADER`` wants it: ``X-Forwarded-Proto`` or ``HTTP_X_FORWARDED_PROTO`` both
+    give ``("HTTP_X_FORWARDED_PROTO", "https")``. Unset: None (no proxy is trusted)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    header = value.upper().replace("-", "_")
+    if not header.startswith("HTTP_"):
+        header = f"HTTP_{header}"
+    if not re.fullmatch(r"HTTP_[A-Z0-9_]+", header):
+        raise _bad(name, value, "want a header name such as X-Forwarded-Proto")
+    return (header, "https")
 
 
 def parse_database_url(url: str) -> dict:

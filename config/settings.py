@@ -11,21 +11,61 @@ This module must never import torch or transformers: the web tier does not load 
 import contextlib
 from pathlib import Path
 
-from config.env import env_bool, env_float, env_int, env_list, env_str, parse_database_url
+from django.core.checks.security.base import (
+    SECRET_KEY_INSECURE_PREFIX,
+    SECRET_KEY_MIN_LENGTH,
+    SECRET_KEY_MIN_UNIQUE_CHARACTERS,
+)
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import env_bool, env_float, env_int, env_list, env_proxy_ssl_header, env_str, parse_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("SIGHTLINE_VAR_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = env_str("SECRET_KEY", "")
-if not SECRET_KEY:
-    if not DEBUG and env_bool("SIGHTLINE_REQUIRE_SECRET_KEY", False):
-        raise RuntimeError("SECRET_KEY must be set in production")
-    # Embedded default and tests: a fixed development key. Production sets SECRET_KEY.
-    SECRET_KEY = "sightline-insecure-development-key-set-SECRET_KEY-in-production"
+# The embedded default (no DATABASE_URL, no REDIS_URL) and DEBUG may run on a fixed development key;
+# anything else is a deployment, and a key everybody can read signs its sessions and CSRF tokens.
+DEPLOYED = not DEBUG and bool(env_str("DATABASE_URL") or env_str("REDIS_URL"))
+DEVELOPMENT_SECRET_KEY = "sightline-insecure-development-key-set-SECRET_KEY-in-production"
+SECRET_KEY = env_str("SECRET_KEY", "") or DEVELOPMENT_SECRET_KEY
+if DEPLOYED and (
+    SECRET_KEY == DEVELOPMENT_SECRET_KEY
+    # Django's own test of a weak key (check --deploy's security.W009), made fatal here
+    or len(SECRET_KEY) < SECRET_KEY_MIN_LENGTH
+    or len(set(SECRET_KEY)) < SECRET_KEY_MIN_UNIQUE_CHARACTERS
+    or SECRET_KEY.startswith(SECRET_KEY_INSECURE_PREFIX)
+):
+    raise ImproperlyConfigured(
+        f"SECRET_KEY is {'missing' if SECRET_KEY == DEVELOPMENT_SECRET_KEY else 'too weak'}: with DATABASE_URL or"
+        f" REDIS_URL set and DEBUG off, Sightline wants a random SECRET_KEY of at least {SECRET_KEY_MIN_LENGTH}"
+        f" characters ({SECRET_KEY_MIN_UNIQUE_CHARACTERS} or more different ones). Make one with:"
+        " python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
+    )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- https ----------------------------------------------------------------------------------
+# Off by default: the embedded default serves plain HTTP on localhost. A deployment behind TLS turns
+# them on (README, Production); `manage.py check --deploy` is then clean.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# Load balancers and orchestrators probe over plain HTTP: a redirect would read as a failed probe.
+SECURE_REDIRECT_EXEMPT = [r"^health(/|$)"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+# The header a trusted TLS-terminating proxy sets to "https" (e.g. X-Forwarded-Proto). Set it only
+# behind a proxy that overwrites the header: else any client could claim HTTPS.
+SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("SECURE_PROXY_SSL_HEADER")
+
+# --- sign-in --------------------------------------------------------------------------------
+# After SIGNIN_MAX_FAILURES failed passwords for one username, or from one client address, within
+# SIGNIN_WINDOW_SECONDS, further sign-ins are refused (429) without checking the password.
+SIGNIN_MAX_FAILURES = env_int("SIGNIN_MAX_FAILURES", 10)
+SIGNIN_WINDOW_SECONDS = env_int("SIGNIN_WINDOW_SECONDS", 15 * 60)
 
 INSTALLED_APPS = [
     "daphne",  # must come first: its runserver serves ASGI (HTTP + websockets)

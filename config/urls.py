@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
+from accounts.views import limit_sign_in
 from inference import views as inference_views
 
 admin.site.site_header = "Sightline admin"
@@ -16,6 +17,7 @@ urlpatterns = [
     path("metrics", inference_views.metrics, name="metrics"),
     path("admin/usage/", inference_views.admin_usage, name="admin-usage"),
     path("admin/queries/<uuid:query_id>/image.png", inference_views.admin_query_image, name="admin-query-image"),
+    path("admin/login/", limit_sign_in(admin.site.login)),  # before admin.site.urls: the same sign-in limit
     path("admin/", admin.site.urls),
     path("dashboard/", include("accounts.urls")),
 ]

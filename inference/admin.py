@@ -26,6 +26,18 @@ class _Echo:
         return value
 
 
+# A spreadsheet reads a cell that begins with one of these as a formula (OWASP "CSV injection"): a
+# prompt like "=HYPERLINK(...)" would run when an operator opens the export. A leading single
+# quote makes it text; the cell shows the value unchanged.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value):
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 # The query list's columns; the CSV export adds what a spreadsheet wants besides.
 COLUMNS = [
     "created_at",
@@ -158,23 +170,22 @@ def export_csv(queryset) -> StreamingHttpResponse:
     def rows():
         yield writer.writerow(CSV_FIELDS)
         for q in queryset.select_related("tenant", "api_key").defer("answer").iterator(chunk_size=2000):
-            yield writer.writerow(
-                [
-                    q.pk,
-                    q.created_at.isoformat(),
-                    q.tenant.slug,
-                    q.api_key.name if q.api_key else "",
-                    q.model,
-                    q.endpoint,
-                    q.status,
-                    q.prompt_tokens,
-                    q.completion_tokens,
-                    q.total_seconds,
-                    q.error_code,
-                    q.image_sha256,
-                    q.prompt,
-                ]
-            )
+            cells = [
+                q.pk,
+                q.created_at.isoformat(),
+                q.tenant.slug,
+                q.api_key.name if q.api_key else "",
+                q.model,
+                q.endpoint,
+                q.status,
+                q.prompt_tokens,
+                q.completion_tokens,
+                q.total_seconds,
+                q.error_code,
+                q.image_sha256,
+                q.prompt,
+            ]
+            yield writer.writerow([_csv_cell(cell) for cell in cells])
 
     response = StreamingHttpResponse(rows(), content_type="text/csv")
     response["Content-Disposition"] = 'attachment; filename="queries.csv"'

@@ -8,6 +8,8 @@ answers for all of them, and a restart loses nothing:
   quota refusals (``rejected``); ``sightline_tokens_total{tenant,kind}``; and
   ``sightline_request_duration_seconds{tenant}``, a histogram of acceptance-to-answer time of the
   succeeded ones (the rollups' buckets). All from ``UsageDaily``, never a scan of the query log.
+  The ``tenant`` label only when ``METRICS_TOKEN`` is set (the scraper proved it holds it); the
+  open endpoint gives the same series summed over all tenants, without the label.
 * ``sightline_queue_depth{model}`` and ``sightline_queries_running{model}`` — accepted queries
   waiting for a worker, and running.
 * ``sightline_recent_{queue,first_token,total}_seconds{quantile}`` — p50/p90/p99 over the queries
@@ -32,6 +34,7 @@ from inference.models import Query, UsageDaily
 from inference.services import served_models
 
 QUANTILES = (0.5, 0.9, 0.99)
+USAGE_FIELDS = ("succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "latency_ms_total")
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -39,6 +42,9 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 
 class SightlineCollector:
+    def __init__(self, *, per_tenant: bool):
+        self.per_tenant = per_tenant
+
     def collect(self):
         yield from self._usage()
         yield from self._live()
@@ -49,27 +55,37 @@ class SightlineCollector:
         yield workers
 
     def _usage(self):
+        label = ["tenant"] if self.per_tenant else []
         requests = CounterMetricFamily(
-            "sightline_requests", "Queries that ended, and quota refusals", labels=["tenant", "outcome"]
+            "sightline_requests", "Queries that ended, and quota refusals", labels=[*label, "outcome"]
         )
-        tokens = CounterMetricFamily("sightline_tokens", "Tokens of queries that ended", labels=["tenant", "kind"])
+        tokens = CounterMetricFamily("sightline_tokens", "Tokens of queries that ended", labels=[*label, "kind"])
         duration = HistogramMetricFamily(
-            "sightline_request_duration_seconds",
-            "Acceptance to answer, succeeded queries",
-            labels=["tenant"],
+            "sightline_request_duration_seconds", "Acceptance to answer, succeeded queries", labels=label
         )
         bounds = [str(ms / 1000) for ms in UsageDaily.LATENCY_BUCKETS_MS] + ["+Inf"]
-        for entry in sorted(selectors.usage_by_tenant(), key=lambda e: e["tenant"].slug):
-            slug = entry["tenant"].slug
+        for labels, entry in self._usage_entries():
             for outcome in ("succeeded", "failed", "rejected"):
-                requests.add_metric([slug, outcome], entry[outcome])
-            tokens.add_metric([slug, "prompt"], entry["prompt_tokens"])
-            tokens.add_metric([slug, "completion"], entry["completion_tokens"])
+                requests.add_metric([*labels, outcome], entry[outcome])
+            tokens.add_metric([*labels, "prompt"], entry["prompt_tokens"])
+            tokens.add_metric([*labels, "completion"], entry["completion_tokens"])
             cumulative = list(itertools.accumulate(entry["histogram"]))
-            duration.add_metric([slug], list(zip(bounds, cumulative, strict=True)), entry["latency_ms_total"] / 1000)
+            duration.add_metric(labels, list(zip(bounds, cumulative, strict=True)), entry["latency_ms_total"] / 1000)
         yield requests
         yield tokens
         yield duration
+
+    def _usage_entries(self) -> list[tuple[list[str], dict]]:
+        """([tenant slug], usage) per tenant; or, for a scraper without METRICS_TOKEN, one ([], usage)
+        summed over all tenants: an open endpoint must not tell strangers who the tenants are."""
+        entries = sorted(selectors.usage_by_tenant(), key=lambda e: e["tenant"].slug)
+        if self.per_tenant:
+            return [([entry["tenant"].slug], entry) for entry in entries]
+        total = {name: sum(e[name] for e in entries) for name in USAGE_FIELDS}
+        total["histogram"] = [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1)
+        for entry in entries:
+            total["histogram"] = [a + b for a, b in zip(total["histogram"], entry["histogram"], strict=True)]
+        return [([], total)]
 
     def _live(self):
         depth = GaugeMetricFamily("sightline_queue_depth", "Accepted queries waiting for a worker", labels=["model"])
@@ -106,11 +122,11 @@ class SightlineCollector:
             yield family
 
 
-def render(accept: str | None) -> tuple[bytes, str]:
+def render(accept: str | None, *, per_tenant: bool) -> tuple[bytes, str]:
     """The body and its content type, in the format the scraper's Accept header asks for (the
     classic text format 0.0.4 by default; OpenMetrics when asked), as prometheus_client's own
-    exposition negotiates it."""
+    exposition negotiates it. ``per_tenant``: usage labelled by tenant, else totals only."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SightlineCollector())
+    registry.register(SightlineCollector(per_tenant=per_tenant))
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type

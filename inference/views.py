@@ -117,7 +117,8 @@ def metrics(request):
     if token and not constant_time_compare(request.headers.get("Authorization", ""), f"Bearer {token}"):
         error = ApiError("unauthorized", "GET /metrics wants 'Authorization: Bearer <METRICS_TOKEN>'.")
         return JsonResponse(error_body(error), status=error.status, headers={"WWW-Authenticate": "Bearer"})
-    body, content_type = inference_metrics.render(request.headers.get("Accept"))
+    # Tenants' names and traffic only for a scraper that holds the token; the open endpoint sums them.
+    body, content_type = inference_metrics.render(request.headers.get("Accept"), per_tenant=bool(token))
     return HttpResponse(body, content_type=content_type)
 
 
