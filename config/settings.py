@@ -28,7 +28,9 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "t
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",  # must come first: its runserver serves ASGI (HTTP + websockets)
+    # Only for developers' `runserver` (Daphne's, ASGI). `manage.py serve` (Uvicorn, config/server.py)
+    # is what the embedded default, production and the tests run.
+    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -46,7 +48,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    # Daphne serves no static files: the admin's and dashboard's CSS/JS come from WhiteNoise, straight
+    # The ASGI server serves no static files: the admin's and dashboard's CSS/JS come from WhiteNoise, straight
     # from the apps' static folders (no collectstatic step needed; run it for far-future caching).
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -78,7 +80,7 @@ TEMPLATES = [
 
 # --- database -------------------------------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL", "")
-# PostgreSQL connections come from a pool per process (Daphne runs each sync request in a thread
+# PostgreSQL connections come from a pool per process (the ASGI handler runs each sync request in a thread
 # of its own, so without a pool a burst of requests opens a connection each and exhausts the
 # server). A request waits up to DB_POOL_TIMEOUT seconds for a free connection. 0 turns it off.
 DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 20)
@@ -190,6 +192,8 @@ MAX_SOCKETS_PER_KEY = env_int("MAX_SOCKETS_PER_KEY", 32)  # open websockets per 
 WS_AUTH_TIMEOUT_SECONDS = env_float("WS_AUTH_TIMEOUT_SECONDS", 10.0)  # unauthenticated sockets are closed
 # SIGTERM: a web process stops accepting, answers or ends (503) what it holds, and exits within this.
 SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0)
+# X-Forwarded-For/-Proto are believed only from these addresses (the load balancer), comma-separated.
+FORWARDED_ALLOW_IPS = env_str("FORWARDED_ALLOW_IPS", "127.0.0.1")
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", [])
 CORS_URLS_REGEX = r"^/v1/.*$"
 CORS_ALLOW_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id")
