@@ -29,7 +29,7 @@ serve: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo --if-empty
 	$(PY) manage.py quickstart --host $(HOST) --port $(PORT)
-	$(PY) manage.py runserver --noreload --insecure $(HOST):$(PORT)
+	$(PY) manage.py serve --host $(HOST) --port $(PORT)
 
 # The whole suite, against the local Postgres and Redis (started when they are down).
 test: install

@@ -1,4 +1,4 @@
-"""End-to-end benchmark: the real stack (Daphne + Redis + a Celery worker + PostgreSQL) against the
+"""End-to-end benchmark: the real stack (Uvicorn + Redis + a Celery worker + PostgreSQL) against the
 engine called directly, in the same run, on the same image and settings.
 
     .venv/bin/python bench/e2e.py [--requests 40] [--concurrency 4] [--max-tokens 32]

@@ -4,7 +4,7 @@
 
 Recreates the database `sightline_bench`, fills the query log with SQL (generate_series: 4 tenants,
 8 keys, 90 days; 3% failed), builds the daily rollups from it the way settled queries would, and
-ANALYZEs. Then it starts Daphne (the production web server) on that database and asks each page
+ANALYZEs. Then it starts Uvicorn (the production web server, `manage.py serve`) on that database and asks each page
 over HTTP with a signed-in session — a tenant owner for /dashboard/, a superuser for /admin/ —
 printing p50 and p99 wall time per page. The rows are synthetic (no model ran): this measures the
 pages' queries and rendering, not inference.
@@ -156,7 +156,7 @@ def main():
 
     port = 8765
     web = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
@@ -206,7 +206,7 @@ def main():
             ("admin", "/admin/inference/query/?q=number+123456"),  # free-text search (trigram index)
             ("admin", "/metrics"),  # not a page, but read from the same tables
         ]
-        print(f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Daphne), after one warm-up")
+        print(f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Uvicorn), after one warm-up")
         print(f"{'who':6} {'p50 ms':>8} {'p99 ms':>8}  page")
         for who, path in pages:
             cookie = f"sessionid={owner if who == 'owner' else admin}"

@@ -11,14 +11,20 @@ django_asgi_app = get_asgi_application()  # set up Django before importing anyth
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from config.limits import BodyLimitMiddleware  # noqa: E402
+from config.request_id import RequestIdMiddleware  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
 from config.websocket import ApiOriginValidator  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": ApiOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
-    }
+# Outermost first: the request id (so every answer carries it, a 413 too), then the body limit, which
+# refuses an oversized body before Django reads it or authentication runs.
+application = RequestIdMiddleware(
+    ProtocolTypeRouter(
+        {
+            "http": BodyLimitMiddleware(django_asgi_app),
+            "websocket": ApiOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        }
+    )
 )
 
 # The embedded default loads its model in the background as the server starts, not on the first request.

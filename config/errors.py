@@ -6,7 +6,8 @@ clients always receive one of these codes, never a traceback.
 
 Two error shapes exist: Sightline's own ``{"code", "msg", "query_id"?}`` (``/v1/glm/infer`` and
 the rest of the API) and OpenAI's ``{"error": {"message", "type", "param", "code"}}`` for the
-OpenAI-compatible endpoints. A view picks OpenAI's with ``error_style = "openai"``.
+OpenAI-compatible endpoints. A view picks OpenAI's with ``error_style = "openai"``; code that runs
+outside a view (the body limit, Django's 400/404/500 handlers) picks by path (``error_style_for_path``).
 """
 
 import logging
@@ -14,8 +15,12 @@ import uuid
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.http import JsonResponse
+from django.views import defaults
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
+
+from config import request_id
 
 logger = logging.getLogger("sightline.errors")
 
@@ -57,6 +62,14 @@ OPENAI_TYPE = {
     415: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+# The OpenAI-compatible endpoint families: errors under these paths are in OpenAI's shape.
+OPENAI_PATH_PREFIXES = ("/v1/chat/", "/v1/models", "/v1/responses", "/v1/completions", "/v1/embeddings")
+
+
+def error_style_for_path(path: str) -> str:
+    return "openai" if path.startswith(OPENAI_PATH_PREFIXES) else "sightline"
 
 
 class ApiError(Exception):
@@ -120,7 +133,7 @@ def _from_drf(exc: Exception) -> ApiError | None:
             f"{exc.detail} Send multipart/form-data or application/json.",
         )
     if isinstance(exc, drf_exceptions.ParseError):
-        return ApiError("invalid_request", f"The request body could not be parsed: {exc.detail}")
+        return ApiError("invalid_request", _parse_error_message(str(exc.detail)))
     if isinstance(exc, drf_exceptions.Throttled):
         return ApiError("rate_limited", str(exc.detail))
     if isinstance(exc, drf_exceptions.ValidationError):
@@ -129,6 +142,20 @@ def _from_drf(exc: Exception) -> ApiError | None:
         limit_mb = settings.MAX_IMAGE_BYTES / (1024 * 1024)
         return ApiError("image_too_large", f"The request body is too large; an image may be at most {limit_mb:g} MB.")
     return None
+
+
+def _parse_error_message(detail: str) -> str:
+    """What to fix in a body that could not be parsed. DRF passes on the parser's own exception text,
+    which for multipart bodies can be a Python repr of the stream; that never reaches a client."""
+    if detail.startswith("Multipart form parse error"):
+        return (
+            "The multipart/form-data body could not be parsed: send a Content-Type with a boundary "
+            "(multipart/form-data; boundary=...) and parts separated by that boundary, each with a "
+            "Content-Disposition name ('image' for the file, 'prompt' for the text)."
+        )
+    if detail.startswith("JSON parse error"):
+        return f"The body is not valid JSON ({detail.removeprefix('JSON parse error - ')})."
+    return f"The request body could not be parsed: {detail}"
 
 
 def _flatten(detail) -> str:
@@ -148,10 +175,58 @@ def exception_handler(exc, context):
     else:
         error = _from_drf(exc)
         if error is None:
-            request_id = uuid.uuid4().hex
-            logger.exception("unhandled error (request_id=%s)", request_id)
-            error = ApiError("internal_error", f"Internal error; quote request id {request_id} when reporting it.")
+            logger.exception("unhandled error (request_id=%s)", request_id.current() or "-")
+            error = _internal_error()
     response = error_response(error, style)
     if error.status == 401:
         response["WWW-Authenticate"] = 'Bearer realm="sightline"'
     return response
+
+
+def _internal_error() -> ApiError:
+    """The client's side of an unexpected error: the request id to quote (the log has the rest)."""
+    rid = request_id.current() or uuid.uuid4().hex
+    return ApiError("internal_error", f"Internal error; quote request id {rid} when reporting it.")
+
+
+# --- Django's error views (config/urls.py handler400/404/500) -----------------------------------
+# Under /v1/ every error is JSON in its family's shape, whatever raised it (an unknown path, a bad
+# Host header, an error outside a DRF view); other paths (dashboard, admin) keep Django's pages.
+
+
+def _json_error(request, error: ApiError) -> JsonResponse:
+    return JsonResponse(error_body(error, error_style_for_path(request.path)), status=error.status)
+
+
+def bad_request(request, exception, template_name="400.html"):
+    if not request.path.startswith("/v1/"):
+        return defaults.bad_request(request, exception, template_name)
+    # Django's only routes here are a refused Host header (DisallowedHost) and other suspicious input.
+    message = (
+        "The Host header names a host this server does not serve; send the host name of the API."
+        if exception.__class__.__name__ == "DisallowedHost"
+        else "The request is malformed (headers or body); check it against the API documentation at /docs."
+    )
+    return _json_error(request, ApiError("invalid_request", message))
+
+
+def permission_denied(request, exception, template_name="403.html"):
+    if not request.path.startswith("/v1/"):
+        return defaults.permission_denied(request, exception, template_name)
+    return _json_error(request, ApiError("forbidden", "This request is not allowed."))
+
+
+def page_not_found(request, exception, template_name="404.html"):
+    if not request.path.startswith("/v1/"):
+        return defaults.page_not_found(request, exception, template_name)
+    path = request.path if len(request.path) <= 200 else request.path[:200] + "..."
+    return _json_error(
+        request, ApiError("not_found", f"No endpoint at {path}; /docs lists the API's endpoints and methods.")
+    )
+
+
+def server_error(request, template_name="500.html"):
+    # Django has logged the exception (django.request, with this request's id) before calling this.
+    if not request.path.startswith("/v1/"):
+        return defaults.server_error(request, template_name)
+    return _json_error(request, _internal_error())

@@ -28,7 +28,9 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "t
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",  # must come first: its runserver serves ASGI (HTTP + websockets)
+    # Only for developers' `runserver` (Daphne's, ASGI). `manage.py serve` (Uvicorn, config/server.py)
+    # is what the embedded default, production and the tests run.
+    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -46,7 +48,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    # Daphne serves no static files: the admin's and dashboard's CSS/JS come from WhiteNoise, straight
+    # The ASGI server serves no static files: the admin's and dashboard's CSS/JS come from WhiteNoise, straight
     # from the apps' static folders (no collectstatic step needed; run it for far-future caching).
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -78,7 +80,7 @@ TEMPLATES = [
 
 # --- database -------------------------------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL", "")
-# PostgreSQL connections come from a pool per process (Daphne runs each sync request in a thread
+# PostgreSQL connections come from a pool per process (the ASGI handler runs each sync request in a thread
 # of its own, so without a pool a burst of requests opens a connection each and exhausts the
 # server). A request waits up to DB_POOL_TIMEOUT seconds for a free connection. 0 turns it off.
 DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 20)
@@ -192,9 +194,22 @@ WS_SOCKET_LEASE_SECONDS = env_float("WS_SOCKET_LEASE_SECONDS", 60.0)
 WS_AUTH_TIMEOUT_SECONDS = env_float("WS_AUTH_TIMEOUT_SECONDS", 10.0)  # unauthenticated sockets are closed
 # SIGTERM: a web process stops accepting, answers or ends (503) what it holds, and exits within this.
 SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0)
+# X-Forwarded-For/-Proto are believed only from these addresses (the load balancer), comma-separated.
+FORWARDED_ALLOW_IPS = env_str("FORWARDED_ALLOW_IPS", "127.0.0.1")
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", [])
 CORS_URLS_REGEX = r"^/v1/.*$"
 CORS_ALLOW_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id")
+# Response headers a browser client may read: the request id, the quota headers, and Retry-After.
+CORS_EXPOSE_HEADERS = (
+    "x-request-id",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "retry-after",
+)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_IMAGE_BYTES * 2 + 1024 * 1024  # base64 JSON bodies are ~4/3 the image
 FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_IMAGE_BYTES + 1024 * 1024
 
@@ -240,8 +255,10 @@ WHITENOISE_USE_FINDERS = True
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Every line names its request (X-Request-ID; "-" outside one): config/request_id.py.
+    "filters": {"request_id": {"()": "config.request_id.RequestIdFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_id"]}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}},
 }

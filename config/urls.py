@@ -19,3 +19,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("dashboard/", include("accounts.urls")),
 ]
+
+# Errors raised outside DRF's views (unknown paths, a refused Host header) are JSON under /v1/.
+handler400 = "config.errors.bad_request"
+handler403 = "config.errors.permission_denied"
+handler404 = "config.errors.page_not_found"
+handler500 = "config.errors.server_error"

@@ -3,6 +3,8 @@ import uuid
 from django.db import models
 from django.utils import timezone
 
+from config import request_id as request_ids
+
 
 class Query(models.Model):
     """One accepted request: who asked what, the answer, tokens, timings and the outcome."""
@@ -47,6 +49,11 @@ class Query(models.Model):
     client_ip = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=512, blank=True, default="")
     worker = models.CharField(max_length=200, blank=True, default="", help_text="who ran it")
+    # The X-Request-ID of the request (or websocket connection) that created the row, taken from the
+    # request's context by the default, so every path that writes a Query stores it.
+    request_id = models.CharField(
+        max_length=128, blank=True, default=request_ids.current, db_index=True, help_text="X-Request-ID"
+    )
     reserved_tokens = models.PositiveIntegerField(default=0, help_text="tokens reserved against the monthly quota")
     settled_at = models.DateTimeField(
         null=True, blank=True, help_text="when its quota was settled and its usage added to the rollups"

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from accounts import quotas
+from config import shutdown
 from config.errors import STATUS, ApiError
 from inference import events, runner, tiny_model
 from inference.dispatch import get_dispatcher
@@ -214,19 +215,43 @@ def _finished(query_id) -> bool:
 
 # Sent by ``follow`` when the row says the query ended but its last message never came.
 FINISHED = "query.finished"
+# A client told to come back during a shutdown retries after this many seconds (another process).
+SHUTDOWN_RETRY_AFTER_SECONDS = 2
+
+
+def shutdown_error(query_id) -> ApiError:
+    """What a client waiting for a query hears when this web process shuts down (SIGTERM)."""
+    return ApiError(
+        "service_unavailable",
+        f"This server is shutting down; the query goes on. Poll GET /v1/queries/{query_id} for its outcome.",
+        query_id=query_id,
+        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_SECONDS)},
+    )
 
 
 async def follow(query: Query, timeout: float | None = None):
     """Subscribe to the query's messages, dispatch it, and yield its messages until it ends.
 
     Ends after ``query.done`` / ``query.error`` (or ``FINISHED`` when the row shows an end whose
-    message was lost); stops silently once ``timeout`` seconds have passed.
+    message was lost); stops silently once ``timeout`` seconds have passed. When the process starts
+    shutting down it ends with a ``query.error`` of code ``service_unavailable`` flagged
+    ``shutdown``: the client is told to poll, and the query is not cancelled (it goes on).
     """
     loop_time = asyncio.get_running_loop().time
     deadline = None if timeout is None else loop_time() + timeout
     async with events.Subscription(query.pk) as subscription:
         await sync_to_async(dispatch, thread_sensitive=False)(query)
         while True:
+            if shutdown.in_progress():  # checked at least every POLL_SECONDS
+                error = shutdown_error(query.pk)
+                yield {
+                    "type": events.ERROR,
+                    "code": error.code,
+                    "message": error.message,
+                    "query_id": str(query.pk),
+                    "shutdown": True,
+                }
+                return
             wait = POLL_SECONDS
             if deadline is not None:
                 wait = min(wait, deadline - loop_time())
@@ -244,8 +269,11 @@ async def follow(query: Query, timeout: float | None = None):
 
 
 async def dispatch_and_wait(query: Query, timeout: float) -> bool:
-    """Dispatch the query and wait for its end. False when ``timeout`` passed first."""
+    """Dispatch the query and wait for its end. False when ``timeout`` passed first; raises
+    ``service_unavailable`` when the process shuts down first (the query goes on)."""
     async for message in follow(query, timeout):
+        if message.get("shutdown"):
+            raise shutdown_error(query.pk)
         if message["type"] in (*events.TERMINAL, FINISHED):
             return True
     return False
@@ -254,7 +282,8 @@ async def dispatch_and_wait(query: Query, timeout: float) -> bool:
 def run_sync(query: Query, timeout: float | None = None) -> Query:
     """Dispatch a committed query and wait for its outcome (the sync endpoints).
 
-    Past ``timeout`` seconds this raises ``timeout``; the query goes on and can be polled.
+    Past ``timeout`` seconds this raises ``timeout``, and when the process shuts down meanwhile
+    ``service_unavailable`` with ``Retry-After``; either way the query goes on and can be polled.
     """
     timeout = settings.SYNC_TIMEOUT if timeout is None else timeout
     if not connection.in_atomic_block:

@@ -71,7 +71,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def live_stack(django_db_setup, tmp_path_factory, tiny_model_dir):
-    """Daphne + one Celery worker as real processes, on the test database and Redis (see tests/stack.py)."""
+    """The web process (Uvicorn, `manage.py serve`) + one Celery worker as real processes, on the test
+    database and Redis (see tests/stack.py)."""
     from tests.stack import Stack
 
     stack = Stack(tmp_path_factory.mktemp("stack"))

@@ -1,4 +1,4 @@
-"""The production stack for tests, as real processes: Daphne serving config.asgi, and Celery
+"""The production stack for tests, as real processes: Uvicorn serving config.asgi (`manage.py serve`), and Celery
 workers (`celery -A config worker --pool solo`), on the test PostgreSQL database and a Redis
 database of their own. The model is the tiny random one (its answers are noise)."""
 
@@ -66,9 +66,7 @@ class Stack:
 
     def start_web(self) -> int:
         self.port = free_port()
-        self._spawn(
-            "web", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"]
-        )
+        self._spawn("web", [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(self.port)])
         return self.port
 
     def start_worker(self, name: str) -> subprocess.Popen:

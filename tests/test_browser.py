@@ -1,5 +1,5 @@
 """The dashboard and the admin in a real headless Chromium (Debian's package, driven by Playwright
-through ``executable_path``), against the live production stack (Daphne + Celery worker + Redis +
+through ``executable_path``), against the live production stack (Uvicorn + Celery worker + Redis +
 PostgreSQL). The model is the tiny random one: its answers are noise, so the tests compare what the
 page shows with what the database stored, never with an expected sentence.
 

@@ -1,6 +1,6 @@
 """GET /metrics (Prometheus): the figures equal what the database holds, whichever process answers.
 
-Against the live production stack (Daphne + a Celery worker + Redis + PostgreSQL; tiny random
+Against the live production stack (Uvicorn + a Celery worker + Redis + PostgreSQL; tiny random
 model, its answers are noise), and the token check with Django's test client."""
 
 import base64

@@ -1,5 +1,5 @@
 """The OpenAI-compatible API, driven by the official `openai` package against the live stack
-(Daphne + Celery worker + Redis + PostgreSQL). The tiny model's answers are noise: the tests compare
+(Uvicorn + Celery worker + Redis + PostgreSQL). The tiny model's answers are noise: the tests compare
 what the SDK returns with what was stored, never what the answer says."""
 
 import base64

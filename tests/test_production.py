@@ -1,4 +1,4 @@
-"""The production path with real processes: Daphne + Celery worker + Redis + PostgreSQL.
+"""The production path with real processes: Uvicorn + Celery worker + Redis + PostgreSQL.
 
 The tiny model's answers are random noise; tests check frames, order, rows and codes."""
 
