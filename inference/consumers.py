@@ -97,7 +97,7 @@ def decode_frame(text_data: str | None) -> dict:
         raise _bad("The frame is nested too deeply; send a flat JSON object.") from None
     except ValueError as exc:  # JSONDecodeError, and integers of more than 4300 digits
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise _bad(f"The frame is not JSON{where}; send a JSON object like {{\"type\": \"infer\", ...}}.") from None
+        raise _bad(f'The frame is not JSON{where}; send a JSON object like {{"type": "infer", ...}}.') from None
     if not isinstance(content, dict):
         raise _bad(f'A frame must be a JSON object like {{"type": "infer", ...}}, not {type(content).__name__}.')
     _check_values(content)

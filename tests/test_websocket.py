@@ -380,3 +380,59 @@ def test_an_image_bomb_over_the_socket_is_refused_and_the_socket_stays_usable(st
     assert frames[-1]["type"] == "done", frames[-1]
     assert Query.objects.filter(api_key=api_key).count() == 1
     assert_clean_log(stack)
+
+
+def test_the_embedded_default_caps_open_sockets_in_process(tmp_path):
+    """No Redis (the one-command deployment): the count lives in the web process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    env.update(SIGHTLINE_VAR_DIR=str(tmp_path / "var"), MAX_SOCKETS_PER_KEY="2", PYTHONUNBUFFERED="1")
+
+    def manage(*args) -> str:
+        return subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        ).stdout
+
+    manage("migrate", "--noinput")
+    manage("create_tenant", "Solo", "--slug", "solo")
+    plaintext = manage("create_api_key", "solo").strip().splitlines()[-1]
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    embedded = Stack(tmp_path)  # only for its URLs
+    embedded.port = port
+    try:
+        _wait_live(embedded)
+
+        async def run():
+            first, second = await connect(embedded, plaintext), await connect(embedded, plaintext)
+            opened = [await recv(first), await recv(second)]
+            extra = await connect(embedded, plaintext)
+            refused = await recv(extra)
+            refused_code = await close_code(extra)
+            await first.close()
+            again = await connect(embedded, plaintext)
+            ready = await recv(again)
+            await second.close()
+            await again.close()
+            return opened, refused, refused_code, ready
+
+        opened, refused, refused_code, ready = asyncio.run(run())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    assert [frame["type"] for frame in opened] == ["ready", "ready"]
+    assert refused["code"] == "rate_limited" and refused_code == 4429
+    assert ready["type"] == "ready"
