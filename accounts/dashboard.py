@@ -1,10 +1,12 @@
 """The dashboard's rules: which tenant a signed-in user is looking at, and what their role allows."""
 
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 
 from accounts import services
 from accounts.models import ApiKey, Membership
+from config.errors import ApiError
 
 SESSION_TENANT = "dashboard_tenant_id"
 MANAGERS = (Membership.Role.OWNER, Membership.Role.ADMIN)
@@ -77,3 +79,14 @@ def session_api_key(user, session) -> ApiKey | None:
     if membership is None:
         return None
     return ApiKey.objects.select_related("tenant").get(pk=playground_key(membership, user).pk)
+
+
+def recheck_session_key(user, api_key_id) -> ApiKey:
+    """For the websocket, on every query: the playground key reloaded, if its user is still an
+    active member of the key's (active) tenant and the key itself may still be used. Raises
+    ``ApiError`` (``forbidden``, or the key's own refusal)."""
+    active = get_user_model().objects.filter(pk=user.pk, is_active=True).exists()
+    api_key = services.recheck_key(api_key_id)
+    if not active or not memberships(user).filter(tenant_id=api_key.tenant_id).exists():
+        raise ApiError("forbidden", "You are no longer a member of this tenant; reload the dashboard.")
+    return api_key

@@ -73,15 +73,32 @@ def authenticate_key(plaintext: str) -> ApiKey:
     if api_key is None or not keys.matches(plaintext, api_key.key_hash):
         raise ApiError("unauthorized", "The API key is not valid. Check it, or create a new one.")
     now = timezone.now()
+    check_key_usable(api_key, now)
+    if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+    return api_key
+
+
+def check_key_usable(api_key: ApiKey, now: datetime | None = None) -> None:
+    """Raise ``ApiError`` (``key_revoked``, ``key_expired`` or ``forbidden``) if the key may not be used now."""
+    now = now or timezone.now()
     if api_key.is_revoked:
         raise ApiError("key_revoked", "This API key has been revoked. Create a new key to continue.")
     if api_key.is_expired(now):
         raise ApiError("key_expired", f"This API key expired at {api_key.expires_at.isoformat()}. Create a new key.")
     if not api_key.tenant.is_active:
         raise ApiError("forbidden", "This key's tenant is disabled. Contact the platform's operators.")
-    if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
-        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
-        api_key.last_used_at = now
+
+
+def recheck_key(api_key_id) -> ApiKey:
+    """The key reloaded from the database, if it may still be used: a long-lived connection (the
+    websocket) authenticated once, and a key revoked, expired or disabled since must stop working
+    at its next request. Raises like ``authenticate_key``."""
+    api_key = ApiKey.objects.select_related("tenant").filter(pk=api_key_id).first()
+    if api_key is None:
+        raise ApiError("key_revoked", "This API key no longer exists. Create a new key to continue.")
+    check_key_usable(api_key)
     return api_key
 
 

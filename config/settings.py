@@ -229,6 +229,8 @@ MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", -(-MAX_IMAGE_BYTES * MAX_IMAGES
 # A websocket frame may carry what one MAX_IMAGE_BYTES image needs in base64, plus the frame's text.
 MAX_WS_FRAME_BYTES = env_int("MAX_WS_FRAME_BYTES", -(-MAX_IMAGE_BYTES * 4 // 3) + 64 * 1024)
 MAX_SOCKETS_PER_KEY = env_int("MAX_SOCKETS_PER_KEY", 32)  # open websockets per API key
+# A socket's place in that count is a lease its web process renews; a dead process's places free within it.
+WS_SOCKET_LEASE_SECONDS = env_float("WS_SOCKET_LEASE_SECONDS", 60.0)
 WS_AUTH_TIMEOUT_SECONDS = env_float("WS_AUTH_TIMEOUT_SECONDS", 10.0)  # unauthenticated sockets are closed
 # SIGTERM: a web process stops accepting, answers or ends (503) what it holds, and exits within this.
 SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0)

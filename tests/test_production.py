@@ -302,7 +302,7 @@ def test_websocket_from_a_foreign_web_page_is_refused(live_stack, key):
         ) as ws:
             return json.loads(await ws.recv())
 
-    assert asyncio.run(connect(f"http://localhost:{live_stack.port}"))["type"] == "ready"
+    assert asyncio.run(connect(f"http://127.0.0.1:{live_stack.port}"))["type"] == "ready"  # this server's own origin
     with pytest.raises(websockets.InvalidStatus) as info:
         asyncio.run(connect("https://evil.example.com"))
     assert info.value.response.status_code == 403
