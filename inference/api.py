@@ -198,6 +198,15 @@ class QueryPagination(CursorPagination):
     page_size_query_param = "limit"
     max_page_size = 100
 
+    def get_page_size(self, request):
+        # DRF silently falls back to the default for a bad ?limit=; the schema says 1..100, so say so.
+        value = request.query_params.get(self.page_size_query_param)
+        if value is None:
+            return self.page_size
+        if not value.isdigit() or not 1 <= int(value) <= self.max_page_size:
+            raise ApiError("invalid_request", f"'limit' must be a whole number from 1 to {self.max_page_size}.")
+        return int(value)
+
 
 class QueryListView(KeyedAPIView):
     """``POST /v1/queries`` (an async job: 202, then poll) and ``GET /v1/queries`` (the tenant's, newest first)."""
@@ -236,9 +245,13 @@ class QueryListView(KeyedAPIView):
         operation_id="queries_list",
         parameters=[
             OpenApiParameter("cursor", str, description="From a page's next or previous URL."),
-            OpenApiParameter("limit", int, description="Queries per page, 1..100 (default 20)."),
+            OpenApiParameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 100},
+                description="Queries per page, 1..100 (default 20).",
+            ),
         ],
-        responses={200: serializers.QueryPageSerializer, **errors(*KEYED, 404)},
+        responses={200: serializers.QueryPageSerializer, **errors(*KEYED, 400, 404)},
         tags=["queries"],
     )
     def get(self, request):
