@@ -100,6 +100,10 @@ def test_schemathesis_finds_nothing(server):
         "none",
         "--max-time",
         "60",
+        # A sync /v1/glm/infer that really runs waits for the one embedded worker thread, on 2 shared
+        # cores; schemathesis's default 10 s read timeout then reports a slow answer as a network error.
+        "--request-timeout",
+        "30",
         "--no-color",
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=170)
