@@ -1,33 +1,50 @@
 """The REST API. Views stay thin: parse, call a service, render."""
 
 from django.conf import settings
+from django.http import QueryDict
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.pagination import CursorPagination
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.errors import ApiError
-from inference import health, selectors, serializers, services
+from inference import health, selectors, serializers, services, validation
 from inference.dispatch import get_dispatcher
 from inference.images import decode_base64_image
 from inference.models import Query
+from inference.parsers import JSONObjectParser
 
-_ERRORS = {
-    status: OpenApiResponse(serializers.ErrorSerializer, description=description)
-    for status, description in {
-        400: "invalid_request or invalid_image",
-        401: "unauthorized, key_revoked or key_expired",
-        413: "image_too_large (bytes or pixels)",
-        429: "rate_limited or quota_exceeded",
-        500: "internal_error",
-        503: "model_unavailable or worker_lost",
-        504: "timeout: the query goes on; poll it",
-        507: "gpu_oom",
-    }.items()
+_ERROR_DESCRIPTIONS = {
+    400: "invalid_request, unsupported_parameter or invalid_image: the message names the field",
+    401: "unauthorized, key_revoked or key_expired",
+    403: "forbidden",
+    404: "not_found or model_not_found",
+    413: "image_too_large (bytes or pixels) or payload_too_large",
+    415: "unsupported_media_type: send application/json (or multipart/form-data where documented)",
+    429: "rate_limited, quota_exceeded or budget_exceeded (with Retry-After)",
+    500: "internal_error (logged with the request id)",
+    502: "engine_error",
+    503: "model_unavailable, worker_lost or service_unavailable",
+    504: "timeout: the query goes on; poll it",
+    507: "gpu_oom",
 }
+
+
+def errors(*statuses: int, style: str = "sightline") -> dict:
+    """The documented error answers of an operation, in its endpoint family's shape."""
+    body = serializers.OpenAIErrorSerializer if style == "openai" else serializers.ErrorSerializer
+    return {status: OpenApiResponse(body, description=_ERROR_DESCRIPTIONS[status]) for status in statuses}
+
+
+# Every keyed operation: a bad key, Redis or the database unreachable, an unexpected failure.
+KEYED = (401, 500, 503)
+# An operation that admits a query: its input, its size, its quotas (and its model's errors).
+SUBMITS = (*KEYED, 400, 413, 415, 429)
+# A tiny valid PNG (8x8), so that the schema's examples are requests that work.
+EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8ISfHgA0wYRUdtBIA0MoBFD5jqJkAAAAASUVORK5CYII="
 
 
 class KeyedAPIView(APIView):
@@ -83,22 +100,24 @@ def image_bytes_from(request) -> bytes | None:
 
 def submit_from(request, endpoint: str) -> Query:
     """Admit the request's query (multipart or JSON) through the shared admission path."""
+    data = request.data
+    numbers = {name: data.get(name) for name in ("max_tokens", "temperature", "top_p")}
+    if isinstance(data, QueryDict):  # a form's numbers are text; JSON's must be JSON numbers
+        numbers = {name: validation.form_number(value, name) for name, value in numbers.items()}
     return services.submit(
         request.auth,
         endpoint=endpoint,
         client=client_info(request),
-        prompt=request.data.get("prompt"),
+        prompt=data.get("prompt"),
         image_bytes=image_bytes_from(request),
-        max_tokens=request.data.get("max_tokens"),
-        temperature=request.data.get("temperature"),
-        top_p=request.data.get("top_p"),
+        **numbers,
     )
 
 
 class GlmInferView(KeyedAPIView):
     """``POST /v1/glm/infer``: an image and a question in, the answer out (the original wrapper's shape)."""
 
-    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    parser_classes = [MultiPartParser, FormParser, JSONObjectParser]
 
     @extend_schema(
         operation_id="glm_infer",
@@ -112,11 +131,15 @@ class GlmInferView(KeyedAPIView):
             "multipart/form-data": serializers.InferMultipartSerializer,
             "application/json": serializers.InferJsonSerializer,
         },
-        responses={200: serializers.InferResultSerializer, **_ERRORS},
+        responses={200: serializers.InferResultSerializer, **errors(*SUBMITS, 504, 507)},
         examples=[
             OpenApiExample(
                 "JSON",
-                value={"image": "data:image/png;base64,iVBORw0KGgo...", "prompt": "What is in this picture?"},
+                value={
+                    "image": "data:image/png;base64," + EXAMPLE_PNG,
+                    "prompt": "What is in this picture?",
+                    "max_tokens": 16,
+                },
                 request_only=True,
                 media_type="application/json",
             )
@@ -175,11 +198,20 @@ class QueryPagination(CursorPagination):
     page_size_query_param = "limit"
     max_page_size = 100
 
+    def get_page_size(self, request):
+        # DRF silently falls back to the default for a bad ?limit=; the schema says 1..100, so say so.
+        value = request.query_params.get(self.page_size_query_param)
+        if value is None:
+            return self.page_size
+        if not value.isdigit() or not 1 <= int(value) <= self.max_page_size:
+            raise ApiError("invalid_request", f"'limit' must be a whole number from 1 to {self.max_page_size}.")
+        return int(value)
+
 
 class QueryListView(KeyedAPIView):
     """``POST /v1/queries`` (an async job: 202, then poll) and ``GET /v1/queries`` (the tenant's, newest first)."""
 
-    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    parser_classes = [MultiPartParser, FormParser, JSONObjectParser]
 
     @extend_schema(
         operation_id="queries_create",
@@ -188,7 +220,15 @@ class QueryListView(KeyedAPIView):
             "multipart/form-data": serializers.InferMultipartSerializer,
             "application/json": serializers.InferJsonSerializer,
         },
-        responses={202: serializers.QueryAcceptedSerializer, **_ERRORS},
+        responses={202: serializers.QueryAcceptedSerializer, **errors(*SUBMITS)},
+        examples=[
+            OpenApiExample(
+                "JSON",
+                value={"image": EXAMPLE_PNG, "prompt": "What is in this picture?", "max_tokens": 16},
+                request_only=True,
+                media_type="application/json",
+            )
+        ],
         tags=["queries"],
     )
     def post(self, request):
@@ -202,7 +242,17 @@ class QueryListView(KeyedAPIView):
         return with_rate_headers(response, query)
 
     @extend_schema(
-        operation_id="queries_list", responses={200: serializers.QuerySerializer(many=True)}, tags=["queries"]
+        operation_id="queries_list",
+        parameters=[
+            OpenApiParameter("cursor", str, description="From a page's next or previous URL."),
+            OpenApiParameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 100},
+                description="Queries per page, 1..100 (default 20).",
+            ),
+        ],
+        responses={200: serializers.QueryPageSerializer, **errors(*KEYED, 400, 404)},
+        tags=["queries"],
     )
     def get(self, request):
         paginator = QueryPagination()
@@ -222,7 +272,7 @@ class QueryDetailView(KeyedAPIView):
 
     @extend_schema(
         operation_id="queries_retrieve",
-        responses={200: serializers.QuerySerializer, 404: serializers.ErrorSerializer},
+        responses={200: serializers.QuerySerializer, **errors(*KEYED, 404)},
         tags=["queries"],
     )
     def get(self, request, query_id):
@@ -236,7 +286,7 @@ class QueryCancelView(KeyedAPIView):
     @extend_schema(
         operation_id="queries_cancel",
         request=None,
-        responses={202: serializers.QuerySerializer, 404: serializers.ErrorSerializer},
+        responses={202: serializers.QuerySerializer, **errors(*KEYED, 404)},
         tags=["queries"],
     )
     def post(self, request, query_id):
@@ -249,7 +299,7 @@ class QueryCancelView(KeyedAPIView):
 class UsageView(KeyedAPIView):
     """``GET /v1/usage``: this key's counters against each quota, and its tenant's usage this month."""
 
-    @extend_schema(operation_id="usage", responses={200: OpenApiTypes.OBJECT}, tags=["usage"])
+    @extend_schema(operation_id="usage", responses={200: OpenApiTypes.OBJECT, **errors(*KEYED)}, tags=["usage"])
     def get(self, request):
         from datetime import UTC, datetime
 

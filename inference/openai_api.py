@@ -6,15 +6,15 @@ import time
 
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
-from rest_framework.parsers import JSONParser
+from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework.response import Response
 
 from config.errors import ApiError, error_body
-from inference import events, services
-from inference.api import KeyedAPIView, client_info, with_rate_headers
+from inference import events, services, validation
+from inference.api import EXAMPLE_PNG, KEYED, SUBMITS, KeyedAPIView, client_info, errors, with_rate_headers
 from inference.chat import parse_messages
 from inference.models import Query
+from inference.parsers import JSONObjectParser
 
 
 def _completion_id(query: Query) -> str:
@@ -35,31 +35,54 @@ def _finish_reason(reason: str) -> str:
 
 class ChatCompletionsView(KeyedAPIView):
     error_style = "openai"
-    parser_classes = [JSONParser]
+    parser_classes = [JSONObjectParser]
 
     @extend_schema(
         operation_id="chat_completions",
         summary="OpenAI-compatible chat completion about one image",
         request=OpenApiTypes.OBJECT,
-        responses={200: OpenApiTypes.OBJECT},
+        responses={200: OpenApiTypes.OBJECT, **errors(*SUBMITS, 404, 502, 504, 507, style="openai")},
+        examples=[
+            OpenApiExample(
+                "One image",
+                value={
+                    "model": "glm-4.6v-flash",
+                    "max_tokens": 16,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "What is in this picture?"},
+                                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + EXAMPLE_PNG}},
+                            ],
+                        }
+                    ],
+                },
+                request_only=True,
+                media_type="application/json",
+            )
+        ],
         tags=["openai"],
     )
     def post(self, request):
-        body = request.data if isinstance(request.data, dict) else {}
-        if body.get("n") not in (None, 1):
+        body = request.data  # an object of clean text and finite numbers (JSONObjectParser)
+        if validation.number(body.get("n"), "n", int, 1, 1, 1) != 1:
             raise ApiError("invalid_request", "Only n=1 is supported.", param="n")
         chat = parse_messages(body.get("messages"))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        stream = bool(body.get("stream"))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        stream = validation.boolean(body.get("stream"), "stream")
+        options = validation.obj(body.get("stream_options"), "stream_options") or {}
+        include_usage = validation.boolean(options.get("include_usage"), "stream_options.include_usage")
+        include_usage = include_usage and stream
         extra = {"messages": chat.messages}
-        if isinstance(body.get("user"), str):
-            extra["user"] = body["user"][:200]
+        user = validation.text(body.get("user"), "user")
+        if user:
+            extra["user"] = user[:200]
         query = services.submit(
             request.auth,
             endpoint=Query.Endpoint.CHAT_COMPLETIONS,
             client=client_info(request),
-            model=body.get("model") or None,
+            model=body.get("model"),
             extra_params=extra,
             reserve_text=chat.all_text,
             prompt=chat.prompt,
@@ -139,7 +162,11 @@ class ChatCompletionsView(KeyedAPIView):
 class ModelsView(KeyedAPIView):
     error_style = "openai"
 
-    @extend_schema(operation_id="models_list", responses={200: OpenApiTypes.OBJECT}, tags=["openai"])
+    @extend_schema(
+        operation_id="models_list",
+        responses={200: OpenApiTypes.OBJECT, **errors(*KEYED, style="openai")},
+        tags=["openai"],
+    )
     def get(self, request):
         created = int(time.time())
         models = [m for m in services.served_models() if request.auth.tenant.may_use(m)]

@@ -1,5 +1,6 @@
 """Request and response shapes, used to document the API (drf-spectacular) and to render answers."""
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 
@@ -49,6 +50,25 @@ class QueryInputSerializer(InferMultipartSerializer):
     """The same inputs as /v1/glm/infer."""
 
 
+class ImageInfoSerializer(serializers.Serializer):
+    sha256 = serializers.CharField()
+    format = serializers.CharField()
+    width = serializers.IntegerField()
+    height = serializers.IntegerField()
+    bytes = serializers.IntegerField()
+
+
+class QueryErrorSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class TimingsSerializer(serializers.Serializer):
+    queue_seconds = serializers.FloatField(allow_null=True)
+    first_token_seconds = serializers.FloatField(allow_null=True)
+    total_seconds = serializers.FloatField(allow_null=True)
+
+
 class QuerySerializer(serializers.Serializer):
     """A query of the log, as the async-jobs API shows it."""
 
@@ -66,12 +86,13 @@ class QuerySerializer(serializers.Serializer):
     error = serializers.SerializerMethodField()
     timings = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
-    started_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True, help_text="null until a worker takes the query")
+    finished_at = serializers.DateTimeField(allow_null=True, help_text="null until the query ends")
 
     def get_object(self, query) -> str:
         return "query"
 
+    @extend_schema_field(ImageInfoSerializer)
     def get_image(self, query) -> dict:
         return {
             "sha256": query.image_sha256,
@@ -81,6 +102,7 @@ class QuerySerializer(serializers.Serializer):
             "bytes": query.image_bytes,
         }
 
+    @extend_schema_field(UsageSerializer(allow_null=True))
     def get_usage(self, query) -> dict | None:
         if query.prompt_tokens is None:
             return None
@@ -90,9 +112,11 @@ class QuerySerializer(serializers.Serializer):
             "total_tokens": query.total_tokens,
         }
 
+    @extend_schema_field(QueryErrorSerializer(allow_null=True))
     def get_error(self, query) -> dict | None:
         return {"code": query.error_code, "message": query.error_message} if query.error_code else None
 
+    @extend_schema_field(TimingsSerializer)
     def get_timings(self, query) -> dict:
         return {
             "queue_seconds": query.queue_seconds,
@@ -114,3 +138,24 @@ class ReadySerializer(serializers.Serializer):
     redis = serializers.BooleanField(allow_null=True)
     model_loaded = serializers.BooleanField()
     queues = serializers.DictField()
+
+
+class QueryPageSerializer(serializers.Serializer):
+    """A page of ``GET /v1/queries`` (cursor pagination, newest first)."""
+
+    next = serializers.URLField(allow_null=True, help_text="The next page's URL; null on the last page.")
+    previous = serializers.URLField(allow_null=True, help_text="The previous page's URL; null on the first page.")
+    results = QuerySerializer(many=True)
+
+
+class OpenAIErrorDetailSerializer(serializers.Serializer):
+    message = serializers.CharField()
+    type = serializers.CharField()
+    param = serializers.CharField(allow_null=True)
+    code = serializers.CharField()
+
+
+class OpenAIErrorSerializer(serializers.Serializer):
+    """The OpenAI-compatible endpoints' error shape."""
+
+    error = OpenAIErrorDetailSerializer()

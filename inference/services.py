@@ -5,7 +5,6 @@ Every endpoint goes through the same path: authenticate (DRF), check the input, 
 """
 
 import asyncio
-import math
 from dataclasses import dataclass
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -15,7 +14,7 @@ from django.db import connection, transaction
 from accounts import quotas
 from config import shutdown
 from config.errors import STATUS, ApiError
-from inference import events, runner, tiny_model
+from inference import events, runner, tiny_model, validation
 from inference.dispatch import get_dispatcher
 from inference.images import CheckedImage, check_image
 from inference.models import Query, QueryImage
@@ -43,48 +42,60 @@ class ClientInfo:
     user_agent: str = ""
 
 
-def _number(value, name: str, kind, low, high, default):
-    if value is None or value == "":
-        return default
-    try:
-        number = kind(value)
-        if isinstance(value, bool) or (isinstance(number, float) and not math.isfinite(number)):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ApiError("invalid_request", f"'{name}' must be a number.", param=name) from None
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise ApiError("invalid_request", f"'{name}' must be a whole number.", param=name)
-    if not low <= number <= high:
-        raise ApiError("invalid_request", f"'{name}' must be between {low} and {high}; got {value}.", param=name)
-    return number
-
-
-def check_prompt(prompt) -> str:
+def check_prompt(prompt, *, images: int = 1) -> str:
+    """The question of a one-message request (``/v1/glm/infer``, ``/v1/queries``, the websocket)."""
     if prompt is None:
         raise ApiError("invalid_request", "'prompt' is required: the question to ask about the image.", param="prompt")
-    if not isinstance(prompt, str):
-        raise ApiError("invalid_request", "'prompt' must be a string.", param="prompt")
+    prompt = validation.text(prompt, "prompt")
     if not prompt.strip():
         raise ApiError("invalid_request", "'prompt' must not be empty.", param="prompt")
-    if len(prompt) > settings.MAX_PROMPT_CHARS:
-        raise ApiError(
-            "invalid_request",
-            f"'prompt' is {len(prompt):,} characters; the limit is {settings.MAX_PROMPT_CHARS:,}.",
-            param="prompt",
-        )
+    validation.check_conversation_size([prompt], images=images, field="prompt")
     return prompt
+
+
+@dataclass(frozen=True)
+class Params:
+    """A request's checked text and numbers: everything but the image."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+
+
+def check_params(*, prompt, max_tokens=None, temperature=None, top_p=None, **_image) -> Params:
+    """The cheap checks (text, numbers, conversation size), run before admission spends anything.
+    Numbers are JSON numbers; multipart forms convert theirs with ``validation.form_number`` first."""
+    return Params(
+        prompt=check_prompt(prompt),
+        max_tokens=validation.number(
+            max_tokens, "max_tokens", int, 1, settings.MAX_NEW_TOKENS, settings.DEFAULT_MAX_TOKENS
+        ),
+        temperature=validation.temperature(temperature),
+        top_p=validation.number(top_p, "top_p", float, 0.0, 1.0, 1.0),
+    )
+
+
+def check_image_input(image_bytes: bytes | None) -> CheckedImage:
+    if image_bytes is None:
+        raise ApiError("invalid_request", "'image' is required: a file upload, base64 or a data URI.", param="image")
+    return check_image(image_bytes)
+
+
+def _input(params: Params, image: CheckedImage) -> InferenceInput:
+    return InferenceInput(
+        prompt=params.prompt,
+        image=image,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+    )
 
 
 def check_input(*, prompt, image_bytes: bytes | None, max_tokens=None, temperature=None, top_p=None) -> InferenceInput:
     """Check everything about a request before anything is spent on it. Raises ``ApiError``."""
-    prompt = check_prompt(prompt)
-    max_tokens = _number(max_tokens, "max_tokens", int, 1, settings.MAX_NEW_TOKENS, settings.DEFAULT_MAX_TOKENS)
-    temperature = _number(temperature, "temperature", float, 0.0, 2.0, 0.0)
-    top_p = _number(top_p, "top_p", float, 0.0, 1.0, 1.0)
-    if image_bytes is None:
-        raise ApiError("invalid_request", "'image' is required: a file upload, base64 or a data URI.", param="image")
-    image = check_image(image_bytes)
-    return InferenceInput(prompt=prompt, image=image, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    params = check_params(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    return _input(params, check_image_input(image_bytes))
 
 
 def served_models() -> list[str]:
@@ -99,9 +110,10 @@ def serves_tiny_model() -> bool:
 
 def check_model(api_key, model: str | None) -> str:
     """The model a request asks for, if the platform serves it and the key's tenant may use it."""
+    model = validation.text(model, "model")
     if model in (None, ""):
         return settings.INFERENCE_MODEL_NAME
-    if not isinstance(model, str) or model not in served_models() or not api_key.tenant.may_use(model):
+    if model not in served_models() or not api_key.tenant.may_use(model):
         raise ApiError(
             "model_not_found",
             f"The model '{model}' does not exist or this key may not use it; GET /v1/models lists yours.",
@@ -169,10 +181,11 @@ def submit(
     returned query carries ``rate_limit_headers`` for the response.
     """
     model = check_model(api_key, model)
-    prompt_text = reserve_text if reserve_text is not None else fields.get("prompt")
-    admission = quotas.admit(api_key, prompt=prompt_text, max_tokens=fields.get("max_tokens"))
+    params = check_params(**fields)  # refused here, a request spends no quota
+    prompt_text = reserve_text if reserve_text is not None else params.prompt
+    admission = quotas.admit(api_key, prompt=prompt_text, max_tokens=params.max_tokens)
     try:
-        data = check_input(**fields)
+        data = _input(params, check_image_input(fields.get("image_bytes")))
         query = accept(
             api_key, data, endpoint=endpoint, client=client, admission=admission, model=model, extra_params=extra_params
         )
