@@ -20,9 +20,7 @@ per connection. Closing the connection cancels the running query.
 """
 
 import asyncio
-import json
 import logging
-import math
 import uuid
 
 from channels.db import database_sync_to_async
@@ -32,7 +30,7 @@ from django.conf import settings
 from accounts import dashboard
 from accounts import services as accounts
 from config.errors import ApiError
-from inference import events, services, sockets
+from inference import events, parsers, services, sockets
 from inference.images import decode_base64_image
 from inference.models import Query
 
@@ -63,27 +61,6 @@ def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError("invalid_request", message, param=param)
 
 
-def _check_values(content: dict) -> None:
-    """Numbers must be finite and text must be storable (PostgreSQL refuses NUL; lone surrogates
-    cannot be encoded): refused here, naming the field, rather than failing deep in the database."""
-    pending = [(name, value) for name, value in content.items()]
-    while pending:
-        name, value = pending.pop()
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _bad(f"'{name}' must be a finite number.", name)
-        if isinstance(value, str):
-            if "\x00" in value:
-                raise _bad(f"'{name}' contains a NUL character (\\u0000); remove it.", name)
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _bad(f"'{name}' contains a lone surrogate (e.g. \\ud800); send valid Unicode.", name) from None
-        elif isinstance(value, dict):
-            pending.extend((f"{name}.{key}", item) for key, item in value.items())
-        elif isinstance(value, list):
-            pending.extend((f"{name}[{index}]", item) for index, item in enumerate(value))
-
-
 def decode_frame(text_data: str | None) -> dict:
     """A client frame as a JSON object, or ``ApiError`` saying what is wrong with it."""
     if text_data is None:
@@ -91,16 +68,7 @@ def decode_frame(text_data: str | None) -> dict:
     limit = settings.MAX_WS_FRAME_BYTES
     if len(text_data) > limit or (len(text_data) * 4 > limit and len(text_data.encode("utf-8", "replace")) > limit):
         raise ApiError("payload_too_large", f"A frame may be at most {limit:,} bytes; send a smaller image.")
-    try:
-        content = json.loads(text_data)
-    except RecursionError:
-        raise _bad("The frame is nested too deeply; send a flat JSON object.") from None
-    except ValueError as exc:  # JSONDecodeError, and integers of more than 4300 digits
-        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise _bad(f'The frame is not JSON{where}; send a JSON object like {{"type": "infer", ...}}.') from None
-    if not isinstance(content, dict):
-        raise _bad(f'A frame must be a JSON object like {{"type": "infer", ...}}, not {type(content).__name__}.')
-    _check_values(content)
+    content = parsers.loads(text_data, where="frame")  # the same checks as every HTTP body
     if not isinstance(content.get("type"), str):
         raise _bad(f"The frame's 'type' must be {FRAME_TYPES}.", "type")
     return content

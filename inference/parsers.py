@@ -22,13 +22,12 @@ class JSONObjectParser(JSONParser):
 def loads(text: str | bytes, *, where: str = "frame") -> dict:
     """A JSON text (e.g. a websocket frame) parsed and checked as ``JSONObjectParser`` does."""
     try:
-        document = json.loads(text, parse_constant=_refuse_constant)
+        # NaN and Infinity parse to floats here so that check_json can name the field that holds one.
+        document = json.loads(text)
     except RecursionError:
         raise ApiError("invalid_request", f"The {where} is nested too deeply.", param=where) from None
-    except ValueError as exc:  # includes JSONDecodeError and undecodable bytes
-        raise ApiError("invalid_request", f"The {where} is not valid JSON: {exc}.", param=where) from None
+    except ValueError as exc:  # JSONDecodeError, undecodable bytes, integers of more than 4300 digits
+        raise ApiError(
+            "invalid_request", f'The {where} is not JSON ({exc}); send a JSON object like {{"type": ...}}.', param=where
+        ) from None
     return validation.check_json(document, where=where)
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
