@@ -25,6 +25,8 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 
 from config.errors import ApiError
+from config.redis import client as redis_client
+from config.redis import key as redis_key
 
 QUOTA_FIELDS = ("requests_per_minute", "requests_per_day", "tokens_per_month", "max_concurrent_requests")
 WINDOW_MS = 60_000
@@ -149,14 +151,12 @@ return freed
 
 class RedisQuotaBackend:
     def __init__(self):
-        from inference import workers
-
-        self._redis = workers.client
+        self._redis = redis_client
         self._admit = None
         self._settle = None
 
     def _keys(self, key_id: int, at: datetime) -> list[str]:
-        prefix = f"{settings.REDIS_KEY_PREFIX}:quota:{key_id}"
+        prefix = redis_key("quota", key_id)
         return [f"{prefix}:rpm", f"{prefix}:day:{_day(at)}", f"{prefix}:month:{_month(at)}", f"{prefix}:slots"]
 
     def _scripts(self):

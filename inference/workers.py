@@ -16,27 +16,16 @@ import logging
 import threading
 import time
 from datetime import timedelta
-from functools import lru_cache
 
 import redis
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from config.redis import client
+from config.redis import key as _key
+
 logger = logging.getLogger("sightline.workers")
-
-
-@lru_cache(maxsize=4)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
-
-
-def client() -> redis.Redis:
-    return _client(settings.REDIS_URL)
-
-
-def _key(*parts: str) -> str:
-    return ":".join([settings.REDIS_KEY_PREFIX, *parts])
 
 
 # --- heartbeats ---------------------------------------------------------------------------------
