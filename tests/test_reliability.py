@@ -2,8 +2,22 @@
 loses everything, and a Redis pause. The rows in PostgreSQL are the truth; Redis is rebuilt from them."""
 
 import ast
+import base64
+import signal
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime
 
-from tests.conftest import REPO
+import pytest
+import redis
+from PIL import Image
+
+from accounts import services as accounts
+from inference.models import Query
+from tests import media
+from tests.conftest import REPO, free_port
+from tests.stack import SESSION_PREFIX, Stack, post_json
 
 
 def test_accounts_never_imports_the_inference_runtime():
@@ -19,3 +33,121 @@ def test_accounts_never_imports_the_inference_runtime():
             elif isinstance(node, ast.Import):
                 found += [f"{path.name}: {alias.name}" for alias in node.names if alias.name in runtime]
     assert found == []
+
+
+# --- helpers ------------------------------------------------------------------------------------
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SMALL = base64.b64encode(media.png(32, 32)).decode()
+
+
+def _slow_image() -> str:
+    """A 6000x6000 PNG of one colour: ~120 KB that take the web process seconds to check."""
+    return base64.b64encode(media.encode(Image.new("RGB", (6000, 6000), (10, 200, 30)), "PNG")).decode()
+
+
+def _post_quietly(url, body, key):
+    try:
+        return post_json(url, body, key)
+    except OSError:  # the web process was killed under it
+        return None
+
+
+def _until(condition, timeout: float, every: float = 0.1):
+    """Wait (bounded) until condition() is truthy; returns its value, or None past the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
+def _slots(r, name) -> int:
+    return r.zcount(name, int(time.time() * 1000), "+inf")
+
+
+def _counter(r, name) -> int:
+    return int(r.get(name) or 0)
+
+
+class OwnRedis:
+    """A redis-server of the test's own, on a free port, that the test stops, restarts and pauses."""
+
+    def __init__(self, directory):
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(self.directory)]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        assert _until(lambda: self._pings(client), 10), "redis-server did not start"
+
+    @staticmethod
+    def _pings(client) -> bool:
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+# --- item 2: a web process killed between admission and its row ---------------------------------
+def test_key_is_usable_again_after_its_web_process_dies_mid_admission(tenant, tmp_path):
+    """Two slow uploads of a key allowed 2 concurrent requests are admitted, each in a web process
+    SIGKILLed before its row is written: within 60 s both slots are free and both reservations
+    refunded (before the fix, every request got 429 for the slot lease, ~21 minutes, and the
+    tokens were never given back)."""
+    row, key = accounts.create_api_key(tenant, "slow", max_concurrent_requests=2)
+    stack = Stack(tmp_path)
+    r = redis.Redis.from_url(stack.redis_url)
+    prefix = f"{SESSION_PREFIX}:quota:{row.pk}"
+    month = f"{prefix}:month:{datetime.now(UTC):%Y-%m}"
+    slow = {"image": _slow_image(), "prompt": "slow", "max_tokens": 8}
+    stack.start_web()
+    stack.start_worker("w")
+    try:
+        stack.wait_ready()
+        before = _counter(r, month)
+        for held in (1, 2):
+            # One sync view runs at a time in a web process: one admission in flight per process.
+            threading.Thread(target=_post_quietly, args=(stack.url + "/v1/queries", slow, key), daemon=True).start()
+            admitted = _until(lambda n=held: _slots(r, f"{prefix}:slots") >= n, 30, 0.002)
+            assert admitted, "the slow upload was not admitted"
+            stack.kill("web")
+            killed_at = time.monotonic()
+            assert not Query.objects.filter(api_key=row).exists()  # killed before its row
+            stack.start_web()
+            stack.wait_ready()
+        assert _counter(r, month) > before  # two reservations held by no row
+        status, body = post_json(stack.url + "/v1/queries", {"image": SMALL, "prompt": "x", "max_tokens": 1}, key)
+        assert status == 429 and "concurrent" in body["msg"]  # the leak is real
+
+        refunded = _until(lambda: _counter(r, month) == before, 60, 0.25)
+        refunded_after = time.monotonic() - killed_at
+
+        def admitted_again():
+            status, _ = post_json(stack.url + "/v1/queries", {"image": SMALL, "prompt": "y", "max_tokens": 1}, key)
+            return status == 202
+
+        usable = _until(admitted_again, 60 - (time.monotonic() - killed_at), 0.5)
+        usable_after = time.monotonic() - killed_at
+        print(f"\nkey usable again {usable_after:.1f} s after the kill; tokens refunded after {refunded_after:.1f} s")
+        assert refunded, f"month counter {_counter(r, month)}, {before} before the requests"
+        assert usable, "the key still got 429 60 s after its web process died"
+    finally:
+        stack.stop()
