@@ -215,17 +215,21 @@ end
 return 1
 """
 
-# Counters rebuilt from PostgreSQL after Redis lost them. The reservations of the rows (ARGV[7..],
+# Counters rebuilt from PostgreSQL after Redis lost them. The reservations of the rows (ARGV[9..],
 # member/value/slot-end triples) join those still held here (admissions since the loss); the day
 # counts the rows plus admissions of today without a row; the month the rollups plus every
 # reservation held.
 _RESTORE_LUA = """
 local db_day, db_tokens, today, month = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local day_ttl, month_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, pending_prefix = tonumber(ARGV[7]), ARGV[8]
 local from_rows = {}
-for i = 7, #ARGV, 3 do
+for i = 9, #ARGV, 3 do
   from_rows[ARGV[i]] = true
-  redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1])
+  if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
+    -- re-added from a row: the sweeper checks it again later, in case that row settled meanwhile
+    redis.call('ZADD', KEYS[5], 'NX', now, pending_prefix .. ARGV[i])
+  end
   if ARGV[i + 2] ~= '0' then redis.call('ZADD', KEYS[4], 'NX', tonumber(ARGV[i + 2]), ARGV[i]) end
 end
 local extra_day, held_tokens = 0, 0
@@ -338,10 +342,12 @@ class RedisQuotaBackend:
     def restore(self, key_id: int, at: datetime, *, day_requests: int, month_tokens: int, held: list[Held]) -> tuple:
         rpm, day, month, slots = self._keys(key_id, at)
         args = [day_requests, month_tokens, _day(at), _month(at), _day_ttl_ms(at), _month_ttl_ms(at)]
+        args += [int(at.timestamp() * 1000), f"{key_id}:"]
         for item in held:
             slot_end = item.created_ms + slot_lease_ms() if item.unfinished else 0
             args += [item.member, item.value, slot_end]
-        return tuple(self._script(_RESTORE_LUA)(keys=[day, month, f"{self._prefix(key_id)}:held", slots], args=args))
+        keys = [day, month, f"{self._prefix(key_id)}:held", slots, redis_key("quota", "pending")]
+        return tuple(self._script(_RESTORE_LUA)(keys=keys, args=args))
 
     def snapshot(self, key_id: int, at: datetime) -> Snapshot:
         rpm, day, month, slots = self._keys(key_id, at)
@@ -465,7 +471,9 @@ class LocalQuotaBackend:
             from_rows = set()
             for item in held:
                 from_rows.add(item.member)
-                mine.setdefault(item.member, (item.day, item.reserve))
+                if item.member not in mine:
+                    mine[item.member] = (item.day, item.reserve)
+                    self._pending.setdefault((key_id, item.member), int(at.timestamp() * 1000))
                 if item.unfinished:
                     self._slots[key_id].setdefault(item.member, item.created_ms + slot_lease_ms())
             extra = sum(1 for m, (day, _) in mine.items() if m not in from_rows and day == _day(at))

@@ -160,7 +160,7 @@ def release_abandoned_admissions(limit: int = 1000) -> int:
     rows = {
         query.pk.hex: query
         for query in Query.objects.filter(pk__in=[uuid.UUID(member) for _, member, _ in pending]).only(
-            "id", "status", "created_at"
+            "id", "status", "created_at", "settled_at", "prompt_tokens", "completion_tokens"
         )
     }
     released = 0
@@ -168,6 +168,10 @@ def release_abandoned_admissions(limit: int = 1000) -> int:
         row = rows.get(member)
         if row is None:
             released += backend.settle(key_id, member, 0, if_pending_since=since)
+        elif row.settled_at is not None:
+            # Settled, yet still held: re-added by a rebuild that read the row just before its
+            # settling. Settle it again (this refunds only if the reservation is still held).
+            backend.settle(key_id, member, row.total_tokens or 0)
         else:
             slot_until = None if row.is_finished else row.created_at + timedelta(milliseconds=quotas.slot_lease_ms())
             backend.adopt(key_id, member, slot_until)
@@ -215,6 +219,13 @@ def restore_quotas() -> int:
         backend.restore(
             key_id, at, day_requests=day_requests[key_id], month_tokens=month_tokens[key_id], held=held[key_id]
         )
+    # A row settled between the read above and its restore got its reservation back in Redis
+    # (its own settling found none to refund): settle those again now.
+    restored = [uuid.UUID(item.member) for items in held.values() for item in items]
+    for key_id, query_id, prompt, completion in Query.objects.filter(
+        pk__in=restored, settled_at__isnull=False
+    ).values_list("api_key_id", "pk", "prompt_tokens", "completion_tokens"):
+        backend.settle(key_id, query_id.hex, (prompt or 0) + (completion or 0))
     return len(keys)
 
 
