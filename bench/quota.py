@@ -52,7 +52,7 @@ def main():
         api_key = services.authenticate_key(key)
         admission = quotas.admit(api_key, prompt="What is in this picture?", max_tokens=64)
         elapsed = time.perf_counter() - start
-        quotas.settle(api_key.pk, admission.id, admission.at, admission.reserved_tokens, 100)
+        quotas.settle(api_key.pk, admission.id, used=100)
         close_old_connections()
         return elapsed
 

@@ -184,6 +184,10 @@ SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 5.0)
 # A query still queued after this long (no worker took it) ends failed/worker_lost.
 MAX_QUEUED_SECONDS = env_float("MAX_QUEUED_SECONDS", 900.0)
 REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "sightline")
+# An admitted request holds its concurrent slot this long until its Query row is committed (which
+# extends the slot to the whole query); a web process that dies in between leaks it no longer, and
+# the sweeper refunds the reservation of an admission still without a row after this long.
+ADMISSION_LEASE_SECONDS = env_float("ADMISSION_LEASE_SECONDS", 30.0)
 
 # --- inference ------------------------------------------------------------------------------
 TINY_MODEL_DIR = Path(env_str("TINY_MODEL_DIR", str(VAR_DIR / "models" / "tiny-glm4v")))

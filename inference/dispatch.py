@@ -83,10 +83,15 @@ class ThreadDispatcher:
 
     def _recover(self, publisher) -> None:
         """Queries a previous run of this process left behind: running ones end worker_lost, queued ones re-run."""
-        from inference import runner
+        from accounts import quotas
+        from inference import runner, workers
         from inference.models import Query
 
         close_old_connections()
+        # The in-process quota counters started empty: rebuild them from the rows first, so that
+        # the queries ended below refund what they reserved.
+        workers.restore_quotas()
+        quotas.backend().mark_restored(quotas.now())
         for query_id in Query.objects.filter(status=Query.Status.RUNNING, worker=self.worker_name).values_list(
             "pk", flat=True
         ):

@@ -33,8 +33,8 @@ def claim(query_id, worker: str) -> bool:
 def settle(query_id) -> bool:
     """After a query's outcome is written: refund its unused token reservation, free its concurrent
     slot, and add it to the usage rollup. Whoever ended the query calls this; the sweeper calls it
-    again for a query whose ender died in between. Safe to repeat: the quota side refunds only when
-    it frees the slot, and the rollup is added in the same transaction that marks ``settled_at``."""
+    again for a query whose ender died in between. Safe to repeat: the quota side refunds only the
+    call that ends the reservation, and the rollup is added in the transaction that marks ``settled_at``."""
     from django.db import transaction
 
     from accounts import quotas
@@ -44,7 +44,7 @@ def settle(query_id) -> bool:
     if query.settled_at is not None or not query.is_finished:
         return False
     try:
-        quotas.settle(query.api_key_id, query.pk, query.created_at, query.reserved_tokens, query.total_tokens or 0)
+        quotas.settle(query.api_key_id, query.pk, used=query.total_tokens or 0)
     except Exception:  # Redis down: the sweeper retries; the slot's lease bounds the damage meanwhile
         logger.exception("could not settle the quota of query %s", query_id)
         return False

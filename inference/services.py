@@ -5,6 +5,7 @@ Every endpoint goes through the same path: authenticate (DRF), check the input, 
 """
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -18,6 +19,8 @@ from inference import events, runner, tiny_model, validation
 from inference.dispatch import get_dispatcher
 from inference.images import CheckedImage, check_image
 from inference.models import Query, QueryImage
+
+logger = logging.getLogger("sightline.services")
 
 # While waiting, the row is re-read this often when no message arrives: a lost message, or a
 # query ended by someone else (the sweeper), still ends the wait.
@@ -160,6 +163,11 @@ def accept(
         QueryImage.objects.create(
             query=query, content=png, width=data.image.image.width, height=data.image.image.height
         )
+        if admission:
+            # Last, just before the commit: the admission's slot now lasts the query. If the
+            # process dies before this, the admission's short lease frees the slot and the
+            # sweeper refunds its reservation (no row); if after, the row is there to settle it.
+            quotas.commit(admission)
     return query
 
 
@@ -190,7 +198,10 @@ def submit(
             api_key, data, endpoint=endpoint, client=client, admission=admission, model=model, extra_params=extra_params
         )
     except BaseException as exc:
-        quotas.settle(api_key.pk, admission.id, admission.at, admission.reserved_tokens, 0)
+        try:
+            quotas.settle(api_key.pk, admission.id, used=0)
+        except Exception:  # Redis unreachable: the admission's lease and the sweeper give it back
+            logger.warning("could not give back the admission %s", admission.id, exc_info=True)
         if isinstance(exc, ApiError):
             exc.headers = {**admission.headers, **exc.headers}
         raise

@@ -6,7 +6,9 @@
 * A client that cancels (or disconnects) sets ``<prefix>:cancel:<query id>``; the worker running
   that query checks it between tokens and stops.
 * The sweeper fails ``running`` queries whose worker has no heartbeat any more (``worker_lost``)
-  and ``queued`` queries no worker took within MAX_QUEUED_SECONDS. Every worker runs it from its
+  and ``queued`` queries no worker took within MAX_QUEUED_SECONDS; settles outcomes and admissions
+  whose process died before settling them; and after Redis lost its data, rebuilds the quota
+  counters from PostgreSQL and dispatches the queued queries again. Every worker runs it from its
   heartbeat thread, one at a time across workers by a Redis lock; ``manage.py sweep_queries`` runs
   it by hand or from cron.
 """
@@ -15,28 +17,20 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
-from functools import lru_cache
+import uuid
+from collections import defaultdict
+from datetime import UTC, timedelta
 
 import redis
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from accounts import quotas
+from config.redis import client
+from config.redis import key as _key
+
 logger = logging.getLogger("sightline.workers")
-
-
-@lru_cache(maxsize=4)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
-
-
-def client() -> redis.Redis:
-    return _client(settings.REDIS_URL)
-
-
-def _key(*parts: str) -> str:
-    return ":".join([settings.REDIS_KEY_PREFIX, *parts])
 
 
 # --- heartbeats ---------------------------------------------------------------------------------
@@ -84,29 +78,52 @@ def cancel_checker(query_id, every: float = 0.05):
 
 
 # --- the sweeper --------------------------------------------------------------------------------
-def sweep(live_names: set[str] | None = None, publisher=None) -> dict:
-    """Fail queries stuck on dead workers or never taken. Returns how many of each were ended."""
+def heartbeat_present(name: str) -> bool:
+    return bool(client().exists(_key("worker", name)))
+
+
+def sweep(
+    live_names: set[str] | None = None,
+    publisher=None,
+    *,
+    own: str | None = None,
+    running=(),
+    judge_lost: bool = True,
+) -> dict:
+    """End what no one will end: queries on dead workers, queries never taken, outcomes never
+    settled, admissions whose row was never written; after Redis lost its data, rebuild the quota
+    counters from the rows and dispatch the queued queries again. Returns counts of each.
+
+    ``own`` and ``running`` (the sweeping worker's name and the queries it runs) are never failed.
+    ``judge_lost`` False skips failing queries as ``worker_lost``: the caller could not reach
+    Redis a moment ago, so a missing heartbeat may only mean its owner could not reach it either.
+    """
     from inference import runner
     from inference.models import Query
 
-    if live_names is None:
-        live_names = {w["name"] for w in live_workers()}
+    ended = {"worker_lost": 0, "never_taken": 0}
+    ended.update(recover_lost_redis())
     now = timezone.now()
     grace = timedelta(seconds=settings.WORKER_HEARTBEAT_TTL)
-    lost = (
-        Query.objects.filter(status=Query.Status.RUNNING, started_at__lt=now - grace)
-        .exclude(worker__in=live_names)
-        .values_list("pk", "worker")
-    )
-    ended = {"worker_lost": 0, "never_taken": 0}
-    for query_id, worker in list(lost):
-        if runner.fail(
-            query_id,
-            "worker_lost",
-            f"The worker running this query ({worker or 'unknown'}) stopped before it finished.",
-            publisher=publisher,
-        ):
-            ended["worker_lost"] += 1
+    if judge_lost:
+        if live_names is None:
+            live_names = {w["name"] for w in live_workers()}
+        lost = (
+            Query.objects.filter(status=Query.Status.RUNNING, started_at__lt=now - grace)
+            .exclude(worker__in=[*live_names, *([own] if own else [])])
+            .exclude(pk__in=[str(query_id) for query_id in running if query_id])
+            .values_list("pk", "worker")
+        )
+        for query_id, worker in list(lost):
+            if worker and heartbeat_present(worker):  # it beat since live_names was read: alive
+                continue
+            if runner.fail(
+                query_id,
+                "worker_lost",
+                f"The worker running this query ({worker or 'unknown'}) stopped before it finished.",
+                publisher=publisher,
+            ):
+                ended["worker_lost"] += 1
     stale = Query.objects.filter(
         status=Query.Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.MAX_QUEUED_SECONDS)
     ).values_list("pk", flat=True)
@@ -123,18 +140,126 @@ def sweep(live_names: set[str] | None = None, publisher=None) -> dict:
         status__in=[Query.Status.SUCCEEDED, Query.Status.FAILED], settled_at__isnull=True, finished_at__lt=now - grace
     ).values_list("pk", flat=True)
     ended["settled_late"] = sum(1 for query_id in list(unsettled[:1000]) if runner.settle(query_id))
+    ended["admissions_released"] = release_abandoned_admissions()
     if any(ended.values()):
         logger.warning("sweeper: %s", ended)
     return ended
 
 
-def sweep_with_lock(publisher=None) -> dict | None:
+def release_abandoned_admissions(limit: int = 1000) -> int:
+    """Admissions still without a row ADMISSION_LEASE_SECONDS after they were made: their web
+    process died (or gave up) between admission and commit. Their reservation is refunded and
+    their slot freed; those that have a row are left to the row's own settling."""
+    from inference.models import Query
+
+    backend = quotas.backend()
+    older_than = quotas.now() - timedelta(seconds=settings.ADMISSION_LEASE_SECONDS)
+    pending = backend.pending(older_than)[:limit]
+    if not pending:
+        return 0
+    rows = {
+        query.pk.hex: query
+        for query in Query.objects.filter(pk__in=[uuid.UUID(member) for _, member, _ in pending]).only(
+            "id", "status", "created_at", "settled_at", "prompt_tokens", "completion_tokens"
+        )
+    }
+    released = 0
+    for key_id, member, since in pending:
+        row = rows.get(member)
+        if row is None:
+            released += backend.settle(key_id, member, 0, if_pending_since=since)
+        elif row.settled_at is not None:
+            # Settled, yet still held: re-added by a rebuild that read the row just before its
+            # settling. Settle it again (this refunds only if the reservation is still held).
+            backend.settle(key_id, member, row.total_tokens or 0)
+        else:
+            slot_until = None if row.is_finished else row.created_at + timedelta(milliseconds=quotas.slot_lease_ms())
+            backend.adopt(key_id, member, slot_until)
+    return released
+
+
+def restore_quotas() -> int:
+    """Rebuild every key's day and month counters from PostgreSQL: the usage rollups of the month
+    plus the reservations of the rows not settled yet (which hold their slots while unfinished).
+    Returns how many keys were rebuilt."""
+    from inference.models import Query, UsageDaily
+
+    at = quotas.now()
+    today = at.date()
+    day_requests: dict[int, int] = defaultdict(int)
+    month_tokens: dict[int, int] = defaultdict(int)
+    held: dict[int, list[quotas.Held]] = defaultdict(list)
+    rollups = UsageDaily.objects.filter(api_key__isnull=False, date__gte=today.replace(day=1), date__lte=today)
+    for key_id, date, requests, prompt, completion in rollups.values_list(
+        "api_key_id", "date", "requests", "prompt_tokens", "completion_tokens"
+    ):
+        month_tokens[key_id] += prompt + completion
+        if date == today:
+            day_requests[key_id] += requests
+    unsettled = Query.objects.filter(settled_at__isnull=True, api_key__isnull=False).values_list(
+        "pk", "api_key_id", "created_at", "reserved_tokens", "status"
+    )
+    for query_id, key_id, created_at, reserved, status in unsettled.iterator():
+        created = created_at.astimezone(UTC)
+        if created.date() == today:
+            day_requests[key_id] += 1
+        unfinished = status in (Query.Status.QUEUED, Query.Status.RUNNING)
+        held[key_id].append(
+            quotas.Held(
+                member=query_id.hex,
+                day=created.strftime("%Y-%m-%d"),
+                reserve=reserved,
+                unfinished=unfinished,
+                created_ms=int(created.timestamp() * 1000),
+            )
+        )
+    backend = quotas.backend()
+    keys = set(day_requests) | set(month_tokens) | set(held)
+    for key_id in keys:
+        backend.restore(
+            key_id, at, day_requests=day_requests[key_id], month_tokens=month_tokens[key_id], held=held[key_id]
+        )
+    # A row settled between the read above and its restore got its reservation back in Redis
+    # (its own settling found none to refund): settle those again now.
+    restored = [uuid.UUID(item.member) for items in held.values() for item in items]
+    for key_id, query_id, prompt, completion in Query.objects.filter(
+        pk__in=restored, settled_at__isnull=False
+    ).values_list("api_key_id", "pk", "prompt_tokens", "completion_tokens"):
+        backend.settle(key_id, query_id.hex, (prompt or 0) + (completion or 0))
+    return len(keys)
+
+
+def recover_lost_redis() -> dict:
+    """When Redis lost its data (restarted without persistence, or flushed), which the missing
+    ``restored`` marker shows: rebuild the quota counters from the rows, and dispatch again the
+    queued queries, whose messages were lost with it (a query already taken is not run twice: the
+    claim ``queued -> running`` lets one worker only run it)."""
+    from inference.dispatch import get_dispatcher
+    from inference.models import Query
+
+    backend = quotas.backend()
+    if backend.restored():
+        return {}
+    at = quotas.now()
+    keys = restore_quotas()
+    dispatcher = get_dispatcher()
+    queued = Query.objects.filter(status=Query.Status.QUEUED, model=settings.INFERENCE_MODEL_NAME)
+    requeued = 0
+    for query_id in queued.order_by("created_at").values_list("pk", flat=True).iterator():
+        dispatcher.submit(query_id)
+        requeued += 1
+    backend.mark_restored(at)
+    logger.warning("quota counters of %d keys rebuilt; %d queued queries dispatched again", keys, requeued)
+    return {"keys_restored": keys, "redispatched": requeued}
+
+
+def sweep_with_lock(publisher=None, **options) -> dict | None:
     """Run the sweeper unless another worker is running it now."""
     lock = client().lock(_key("sweeper"), timeout=60, blocking=False)
     if not lock.acquire(blocking=False):
         return None
     try:
-        return sweep(publisher=publisher)
+        return sweep(publisher=publisher, **options)
     finally:
         try:
             lock.release()
@@ -143,7 +268,12 @@ def sweep_with_lock(publisher=None) -> dict | None:
 
 
 class HeartbeatThread(threading.Thread):
-    """Keeps a worker's heartbeat fresh and runs the sweeper every SWEEP_INTERVAL_SECONDS."""
+    """Keeps a worker's heartbeat fresh and runs the sweeper every SWEEP_INTERVAL_SECONDS.
+
+    The sweeper runs only right after this worker's own heartbeat was written (Redis is reachable
+    now), and judges other workers lost only once Redis has been reachable for a whole
+    WORKER_HEARTBEAT_TTL: a heartbeat that lapsed while Redis was unreachable says nothing about
+    its worker, which gets that long to beat again."""
 
     def __init__(self, name: str, info, publisher=None):
         super().__init__(name="sightline-heartbeat", daemon=True)
@@ -154,16 +284,27 @@ class HeartbeatThread(threading.Thread):
 
     def run(self) -> None:
         last_sweep = 0.0
+        reachable_since: float | None = time.monotonic() - settings.WORKER_HEARTBEAT_TTL
         while not self._stop_event.is_set():
+            payload = self.info()
             try:
-                beat(self.worker_name, self.info())
+                beat(self.worker_name, payload)
+                if reachable_since is None:
+                    reachable_since = time.monotonic()
             except redis.RedisError:
+                reachable_since = None
                 logger.warning("heartbeat failed", exc_info=True)
-            if time.monotonic() - last_sweep >= settings.SWEEP_INTERVAL_SECONDS:
-                last_sweep = time.monotonic()
+            now = time.monotonic()
+            if reachable_since is not None and now - last_sweep >= settings.SWEEP_INTERVAL_SECONDS:
+                last_sweep = now
                 try:
                     close_old_connections()
-                    sweep_with_lock(self.publisher)
+                    sweep_with_lock(
+                        self.publisher,
+                        own=self.worker_name,
+                        running=[payload.get("current_query")],
+                        judge_lost=now - reachable_since >= settings.WORKER_HEARTBEAT_TTL,
+                    )
                 except Exception:
                     logger.exception("sweeper failed")
                 finally:

@@ -148,8 +148,8 @@ def test_embedded_token_budget_and_slots():
     now = datetime.now(UTC)
     assert backend.admit(1, limits, 60, "a", now)[0] == "ok"
     assert backend.admit(1, limits, 60, "b", now)[0] == "tokens_per_month"
-    backend.settle(1, "a", now, refund=50)  # used 10 of 60
-    backend.settle(1, "a", now, refund=50)  # a repeat changes nothing
+    backend.settle(1, "a", used=10)  # used 10 of 60
+    backend.settle(1, "a", used=10)  # a repeat changes nothing
     assert backend.snapshot(1, now).tokens_this_month == 10
     assert backend.admit(1, limits, 60, "b", now)[0] == "ok"
     assert backend.admit(1, limits, 10, "c", now)[0] == "ok"
