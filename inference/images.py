@@ -94,8 +94,13 @@ def check_image(data: bytes) -> CheckedImage:
             image.load()
     except ApiError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError("image_too_large", f"The image is too large to decode safely: {exc}", param="image") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard can fire while the header is read, before our check above: name our limit.
+        raise ApiError(
+            "image_too_large",
+            f"The image has more than {settings.MAX_IMAGE_PIXELS:,} pixels, the limit. Scale it down before sending.",
+            param="image",
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ApiError(
             "invalid_image",
