@@ -122,8 +122,8 @@ def test_requests_per_day_admits_n_then_429_until_utc_midnight(api):
     that runs to the next UTC midnight (not a minute, not the month)."""
     row, key = accounts.create_api_key(_tenant(requests_per_day=3), "daily")
     body = {"image": IMAGE, "prompt": "hi", "max_tokens": 1}
-    statuses = [api.post("/v1/queries", key, body)[0] for _ in range(3)]
-    assert statuses == [202, 202, 202]
+    answers = [api.post("/v1/queries", key, body) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [202, 202, 202]
     now = datetime.now(UTC)
     status, headers, refused = api.post("/v1/queries", key, body)
     assert status == 429 and refused["code"] == "quota_exceeded", refused
@@ -133,6 +133,7 @@ def test_requests_per_day_admits_n_then_429_until_utc_midnight(api):
     assert abs(int(headers["retry-after"]) - expected) <= 5, (headers["retry-after"], expected)
     assert Query.objects.filter(api_key=row).count() == 3
     assert api.usage(key)["key"]["quotas"]["requests_per_day"] == {"limit": 3, "used": 3, "remaining": 0}
+    _wait_settled([job["id"] for _, _, job in answers])  # no worker writes while the database is flushed
 
 
 # --- tokens refunded after an input refused post-admission --------------------------------------
@@ -309,7 +310,8 @@ def test_query_list_walks_every_query_once_newest_first_with_limit(api):
         assert status == 202, job
         created.append(job["id"])
     _, other = accounts.create_api_key(_tenant(), "other")  # another tenant's query never shows
-    assert api.post("/v1/queries", other, {"image": IMAGE, "prompt": "x", "max_tokens": 1})[0] == 202
+    status, _, foreign = api.post("/v1/queries", other, {"image": IMAGE, "prompt": "x", "max_tokens": 1})
+    assert status == 202
 
     seen, sizes, url = [], [], "/v1/queries?limit=3"
     while url:
@@ -325,6 +327,7 @@ def test_query_list_walks_every_query_once_newest_first_with_limit(api):
     assert seen == created[::-1]
     status, _, default = api.get("/v1/queries", key)
     assert len(default["results"]) == 7 and default["next"] is None
+    _wait_settled([*created, foreign["id"]])  # no worker writes while the database is flushed
 
 
 # --- IMAGE_URL_ALLOWED_HOSTS --------------------------------------------------------------------
