@@ -53,6 +53,11 @@ class ThreadDispatcher:
         key = str(query_id)
         return lambda: key in self._cancelled
 
+    def unavailable(self) -> str | None:
+        """None: this thread answers every query itself (model_unavailable, with the load error,
+        when its model failed to load)."""
+        return None
+
     def wait_loaded(self, timeout: float | None = None) -> bool:
         self.start()
         return self._loaded.wait(timeout)

@@ -7,6 +7,7 @@ they are imported when a model is loaded.
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +49,24 @@ def _looks_like_path(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).exists()
 
 
+# Test-only: there is no GPU in CI, so nothing can really run out of its memory. When this variable
+# holds a marker, the model's forward pass raises torch.cuda.OutOfMemoryError for every query whose
+# prompt contains it, and the error takes the real path (generate -> translate_error -> gpu_oom).
+# Only tests set it; unset (production), nothing changes.
+OOM_TEST_MARKER_ENV = "SIGHTLINE_TEST_OOM_MARKER"
+
+
+def _oom_injected(prompt: str) -> bool:
+    marker = os.environ.get(OOM_TEST_MARKER_ENV, "")
+    return bool(marker) and marker in (prompt or "")
+
+
+def _raise_oom(module, args):
+    import torch
+
+    raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {OOM_TEST_MARKER_ENV}).")
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -63,7 +82,15 @@ class Generation:
 
     _POLL_SECONDS = 0.1
 
-    def __init__(self, engine: "Engine", inputs, params: GenerationParams, should_stop: Callable[[], bool] | None):
+    def __init__(
+        self,
+        engine: "Engine",
+        inputs,
+        params: GenerationParams,
+        should_stop: Callable[[], bool] | None,
+        *,
+        inject_oom: bool = False,
+    ):
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         self.result: Completion | None = None
@@ -72,6 +99,7 @@ class Generation:
         self._cancelled = threading.Event()
         self._error: BaseException | None = None
         self._sequences = None
+        self._inject_oom = inject_oom
         self._streamer = TextIteratorStreamer(
             engine.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=self._POLL_SECONDS
         )
@@ -100,12 +128,16 @@ class Generation:
     def _generate(self, kwargs) -> None:
         import torch
 
+        hook = self._engine.model.register_forward_pre_hook(_raise_oom) if self._inject_oom else None
         try:
             with torch.inference_mode():
                 self._sequences = self._engine.model.generate(**kwargs)
         except BaseException as exc:  # reported from the iterating thread
             self._error = exc
             self._streamer.end()
+        finally:
+            if hook is not None:
+                hook.remove()
 
     def __iter__(self) -> Iterator[str]:
         from queue import Empty
@@ -235,7 +267,7 @@ class Engine:
             raise EngineError("model_unavailable", f"The model '{self.model_id}' is not loaded.")
         try:
             inputs = self._inputs(image, prompt, messages)
-            return Generation(self, inputs, params, should_stop)
+            return Generation(self, inputs, params, should_stop, inject_oom=_oom_injected(prompt))
         except EngineError:
             raise
         except Exception as exc:

@@ -212,25 +212,39 @@ def submit(
 _publisher = None
 
 
+def _get_publisher() -> events.Publisher:
+    global _publisher
+    _publisher = _publisher or events.Publisher()
+    return _publisher
+
+
 def cancel(query_id) -> None:
     """Stop a query. A running one is stopped by its worker within a token or two and ends
     ``failed``/``cancelled`` with its partial answer; a queued one ends so at once."""
-    global _publisher
     get_dispatcher().cancel(query_id)
     if Query.objects.filter(pk=query_id, status=Query.Status.QUEUED).exists():
-        _publisher = _publisher or events.Publisher()
         runner.fail(
             query_id,
             "cancelled",
             "The client cancelled the query before it started.",
-            publisher=_publisher,
+            publisher=_get_publisher(),
             statuses=(Query.Status.QUEUED,),
         )
 
 
-def dispatch(query: Query) -> None:
-    """Hand a committed query to a worker."""
-    get_dispatcher().submit(query.pk)
+def dispatch(query: Query, *, queue_without_worker: bool = False) -> None:
+    """Hand a committed query to a worker.
+
+    A caller that waits for the answer (sync endpoints, SSE, the websocket) learns at once that no
+    worker has the model loaded: the query ends ``model_unavailable`` (503) instead of waiting out
+    its timeout. An async job (``queue_without_worker``) stays queued for a worker to come, until
+    MAX_QUEUED_SECONDS."""
+    dispatcher = get_dispatcher()
+    reason = None if queue_without_worker else dispatcher.unavailable()
+    if reason is not None:
+        runner.fail(query.pk, "model_unavailable", reason, publisher=_get_publisher())
+        return
+    dispatcher.submit(query.pk)
 
 
 def _finished(query_id) -> bool:

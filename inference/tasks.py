@@ -114,6 +114,15 @@ class CeleryDispatcher:
     def cancel(self, query_id) -> None:
         workers.request_cancel(query_id)
 
+    def unavailable(self) -> str | None:
+        """Why no query can run now (no live worker on this queue has the model loaded), or None."""
+        if self.status()["model_loaded"]:
+            return None
+        return (
+            f"No worker has the model '{settings.INFERENCE_MODEL_NAME}' loaded on queue {self.queue}; "
+            "GET /health/ready answers 200 once one has. Retry then, or submit an async job (POST /v1/queries)."
+        )
+
     def status(self) -> dict:
         try:
             live = [w for w in workers.live_workers() if w.get("queue") == self.queue]
