@@ -44,9 +44,7 @@ def server(tmp_path, tiny_model_dir):
     # At most 4 queries in flight (more get a documented 429): the single embedded worker thread
     # then answers a sync request well within SYNC_TIMEOUT instead of queueing behind the fuzzer's
     # async jobs (with 64, a sync request waited out SYNC_TIMEOUT behind them: a 504).
-    _manage(
-        env, "create_tenant", "Fuzz", "--slug", "fuzz", "--rpm", "100000", "--rpd", "1000000", "--concurrency", "4"
-    )
+    _manage(env, "create_tenant", "Fuzz", "--slug", "fuzz", "--rpm", "100000", "--rpd", "1000000", "--concurrency", "4")
     key = _manage(env, "create_api_key", "fuzz").splitlines()[-1]
     log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
