@@ -64,7 +64,7 @@ def _failures(subjects: list[str], *, now: float, record: bool) -> list[list[flo
 
 
 def _redis_failures(subjects: list[str], *, now: float, record: bool) -> list[list[float]]:
-    from inference.workers import client  # the shared Redis client (to move to config/)
+    from config.redis import client  # the Redis client both apps share
 
     window = settings.SIGNIN_WINDOW_SECONDS
     pipe = client().pipeline(transaction=True)

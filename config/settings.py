@@ -169,8 +169,19 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = INFERENCE_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = INFERENCE_HARD_TIME_LIMIT
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": INFERENCE_HARD_TIME_LIMIT + 60}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": INFERENCE_HARD_TIME_LIMIT + 60,
+    # A reconnect to a Redis that is down or unreachable fails in seconds instead of hanging the
+    # worker's consumer; idle broker connections are checked before use, so a Redis restarted
+    # behind them is noticed at the next command rather than by a failed ack.
+    "socket_connect_timeout": 5,
+    "health_check_interval": 10,
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A worker reconnects to Redis for as long as Redis is away: Celery's default gives up after 100
+# tries (~50 minutes) and exits, leaving no worker for the queue when Redis comes back.
+CELERY_BROKER_CONNECTION_RETRY = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TASK_SERIALIZER = "json"

@@ -32,8 +32,8 @@ _local: dict[int, set[str]] = {}
 
 
 def _redis():
-    """The Redis client (one place, so it is easy to repoint when the client moves to config/)."""
-    from inference.workers import client
+    """The Redis client both apps share."""
+    from config.redis import client
 
     return client()
 

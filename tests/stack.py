@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,15 +55,40 @@ class Stack:
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.port: int | None = None
+        self._argv: dict[str, list[str]] = {}
+        self._supervised: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()  # a supervisor's restart against kill()/stop()
+        self.restarts: dict[str, int] = {}
 
     # --- processes -------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - owned by the process
+    def _spawn(self, name: str, argv: list[str], mode: str = "w") -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", mode)  # noqa: SIM115 - owned by the process
         process = subprocess.Popen(
             argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.processes[name] = process
+        self._argv[name] = argv
         return process
+
+    def supervise(self, name: str, every: float = 0.2) -> None:
+        """Act as production's supervisor (systemd ``Restart=always``, a Kubernetes pod restart, the
+        Procfile runner) for process ``name``: whenever it exits on its own, start it again with the
+        same command line, its log appended to. ``restarts[name]`` counts the restarts; kill() and
+        stop() end the supervision first."""
+        stopped = threading.Event()
+        self._supervised[name] = stopped
+        self.restarts.setdefault(name, 0)
+
+        def watch():
+            while not stopped.wait(every):
+                with self._lock:
+                    process = self.processes.get(name)
+                    if stopped.is_set() or process is None or process.poll() is None:
+                        continue
+                    self._spawn(name, self._argv[name], mode="a")
+                    self.restarts[name] += 1
+
+        threading.Thread(target=watch, name=f"supervise-{name}", daemon=True).start()
 
     def start_web(self) -> int:
         self.port = free_port()
@@ -91,16 +117,23 @@ class Stack:
         return self._spawn(name, argv)
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
-        process = self.processes.pop(name)
+        with self._lock:
+            if name in self._supervised:
+                self._supervised.pop(name).set()
+            process = self.processes.pop(name)
         os.killpg(process.pid, sig)
         process.wait(timeout=30)
 
     def stop(self) -> None:
         for name in list(self.processes):
+            process = self.processes[name]
             try:
                 self.kill(name, signal.SIGTERM)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                self.kill(name, signal.SIGKILL)
+            except ProcessLookupError:  # it had exited (kill() already took it off the list)
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text()
