@@ -306,3 +306,19 @@ def test_websocket_from_a_foreign_web_page_is_refused(live_stack, key):
     with pytest.raises(websockets.InvalidStatus) as info:
         asyncio.run(connect("https://evil.example.com"))
     assert info.value.response.status_code == 403
+
+
+def test_stack_teardown_kills_what_ignores_sigterm(tmp_path):
+    """A process that ignores SIGTERM is killed after the grace period, and the others are stopped too."""
+    import sys
+
+    stack = Stack(tmp_path)
+    stubborn = stack._spawn(
+        "stubborn",
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+    )
+    polite = stack._spawn("polite", [sys.executable, "-c", "import time; time.sleep(600)"])
+    time.sleep(0.5)  # let the first install its handler
+    stack.stop(grace=1)
+    assert stubborn.poll() == -9 and polite.poll() == -15
+    assert stack.processes == {}
