@@ -24,11 +24,12 @@ P99_SAMPLES = 200  # below this, a nearest-rank p99 is just the maximum: print i
 
 
 def spread(values, scale: float = 1.0, unit: str = "ms", width: int = 8) -> str:
-    """"p50 … p99 …" with enough samples for a p99, else "p50 … max …" (never a p99 that is the max)."""
+    """ "p50 … p99 …" with enough samples for a p99, else "p50 … max …" (never a p99 that is the max)."""
     p50 = pct(values, 50) * scale
     if len(values) >= P99_SAMPLES:
         return f"p50 {p50:{width}.1f} {unit}   p99 {pct(values, 99) * scale:{width}.1f} {unit}"
-    return f"p50 {p50:{width}.1f} {unit}   max {max(values) * scale:{width}.1f} {unit} (n={len(values)} < {P99_SAMPLES}: no p99)"
+    top = max(values) * scale
+    return f"p50 {p50:{width}.1f} {unit}   max {top:{width}.1f} {unit} (n={len(values)} < {P99_SAMPLES}: no p99)"
 
 
 def fresh_database(env: dict | None = None) -> str:

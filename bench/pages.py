@@ -173,7 +173,9 @@ def main():
                 break
             except OSError as exc:
                 if web.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the web process did not answer /health within 60 s ({exc}); exit {web.poll()}")
+                    raise SystemExit(
+                        f"the web process did not answer /health within 60 s ({exc}); exit {web.poll()}"
+                    ) from exc
                 time.sleep(0.2)
         pages = [
             ("owner", "/dashboard/"),
@@ -211,7 +213,7 @@ def main():
             ("admin", "/admin/inference/query/?q=number+123456"),  # free-text search (trigram index)
             ("admin", "/metrics"),  # not a page, but read from the same tables
         ]
-        print(f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Daphne) after a first request")
+        print(f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP after a first request")
         print(
             "PostgreSQL's cache is hot (the rows were just loaded): 'first' is each page's first request "
             "(cold for the web process), the rest are hot"

@@ -94,10 +94,16 @@ def test_every_page_shows_what_it_promises_to_a_member(world):
 
     overview = page("/dashboard/")  # usage against each quota, a chart of requests per day
     assert "<h1>Tenant A</h1>" in overview and "This period" in overview
-    for quota in ("requests_per_minute", "requests_per_day", "tokens_per_month", "max_concurrent_requests"):
-        assert quota.replace("_", " ") in overview.lower() or quota in overview, quota
+    tenant = world["a"]["tenant"]
+    for quota, limit, used in (  # each quota, its limit, and the tenant's use where it is counted per tenant
+        ("Requests per minute (per key)", tenant.requests_per_minute, '<span class="muted">per key'),
+        ("Requests per day (per key)", tenant.requests_per_day, "1"),
+        ("Tokens per month (per key)", tenant.tokens_per_month, "15"),
+    ):
+        assert f"<tr><td>{quota}</td><td>{limit}</td><td>{used}" in overview, quota
     assert "Today: 1 request (0 failed, 0 refused by quotas), 15 tokens." in overview
-    assert "<svg" in overview and f"sl_{key.prefix}_" in overview  # the chart, and the top key
+    assert "Requests per day" in overview and "<svg" in overview  # the chart
+    assert f"sl_{key.prefix}_" in overview  # the top key
 
     keys = page("/dashboard/keys/")  # the tenant's keys; a member may not create or revoke
     assert f"sl_{key.prefix}_" in keys and ">key-a</a>" in keys and "active" in keys

@@ -222,8 +222,8 @@ def test_rate_limit_headers_count_down_and_a_429_says_when_to_retry(tenant, png_
         return response, before, time.time()
 
     def reset_tokens_ok(response, before, after):
-        return _until_next_month(after) - 1 <= _seconds(response["x-ratelimit-reset-tokens"]) <= _until_next_month(
-            before
+        return (
+            _until_next_month(after) - 1 <= _seconds(response["x-ratelimit-reset-tokens"]) <= _until_next_month(before)
         )
 
     before = time.time()
