@@ -33,6 +33,7 @@ def main():
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
     start = time.perf_counter()
     first = None
+    usage = None  # only when the server sends a usage chunk (stream_options.include_usage)
     stream = client.chat.completions.create(
         model="glm-4.6v-flash",
         messages=[
@@ -55,10 +56,12 @@ def main():
         if chunk.usage:
             usage = chunk.usage
     total = time.perf_counter() - start
-    print(
-        f"\n\n[{usage.completion_tokens} tokens, first after {(first or start) - start:.3f} s, all in {total:.3f} s; "
-        f"prompt {usage.prompt_tokens} tokens]"
+    tokens = (
+        f"{usage.completion_tokens} tokens, prompt {usage.prompt_tokens} tokens"
+        if usage is not None
+        else "no usage chunk arrived"
     )
+    print(f"\n\n[{tokens}; first text after {(first or start) - start:.3f} s, all in {total:.3f} s]")
 
 
 if __name__ == "__main__":

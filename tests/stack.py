@@ -116,24 +116,37 @@ class Stack:
         ]
         return self._spawn(name, argv)
 
-    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+    def kill(self, name: str, sig=signal.SIGKILL, timeout: float = 30) -> None:
+        """Signal a process's whole group and wait for it (its supervision ends first); forgotten only
+        once it is gone, so a failed attempt (a timeout) can be followed by a harder one."""
         with self._lock:
             if name in self._supervised:
                 self._supervised.pop(name).set()
-            process = self.processes.pop(name)
-        os.killpg(process.pid, sig)
-        process.wait(timeout=30)
-
-    def stop(self) -> None:
-        for name in list(self.processes):
             process = self.processes[name]
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:  # its group is gone already
+            pass
+        process.wait(timeout=timeout)
+        with self._lock:
+            self.processes.pop(name, None)
+
+    def stop(self, grace: float = 30) -> None:
+        """Stop every process: SIGTERM, then SIGKILL for any still alive after `grace` seconds.
+        One that cannot be stopped does not keep the others running; the first error is raised at the end."""
+        errors: list[BaseException] = []
+        for name in list(self.processes):
             try:
-                self.kill(name, signal.SIGTERM)
-            except ProcessLookupError:  # it had exited (kill() already took it off the list)
-                pass
+                self.kill(name, signal.SIGTERM, timeout=grace)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+                try:
+                    self.kill(name, signal.SIGKILL)
+                except BaseException as exc:  # noqa: BLE001 - go on with the others, raise below
+                    errors.append(exc)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text()

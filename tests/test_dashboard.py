@@ -81,18 +81,49 @@ def test_forms_refuse_posts_without_csrf(world):
     assert ApiKey.objects.filter(name="x").count() == 0
 
 
-def test_every_page_renders_for_a_member(world):
+def test_every_page_shows_what_it_promises_to_a_member(world):
+    """README "Dashboard and admin": each page's own content, for a member (who reads, not manages)."""
+    usage.record_outcome(world["a"]["query"])  # today's rollup, as a settled query would add it
     client = _client(world["a"]["member"])
-    query = world["a"]["query"]
-    for url in (
-        "/dashboard/",
-        "/dashboard/keys/",
-        "/dashboard/queries/",
-        f"/dashboard/queries/{query.pk}/",
-        "/dashboard/playground/",
-        f"/dashboard/keys/{world['a']['key'].pk}/",
+    query, key = world["a"]["query"], world["a"]["key"]
+
+    def page(url) -> str:
+        response = client.get(url)
+        assert response.status_code == 200, url
+        return response.content.decode()
+
+    overview = page("/dashboard/")  # usage against each quota, a chart of requests per day
+    assert "<h1>Tenant A</h1>" in overview and "This period" in overview
+    tenant = world["a"]["tenant"]
+    for quota, limit, used in (  # each quota, its limit, and the tenant's use where it is counted per tenant
+        ("Requests per minute (per key)", tenant.requests_per_minute, '<span class="muted">per key'),
+        ("Requests per day (per key)", tenant.requests_per_day, "1"),
+        ("Tokens per month (per key)", tenant.tokens_per_month, "15"),
     ):
-        assert client.get(url).status_code == 200, url
+        assert f"<tr><td>{quota}</td><td>{limit}</td><td>{used}" in overview, quota
+    assert "Today: 1 request (0 failed, 0 refused by quotas), 15 tokens." in overview
+    assert "Requests per day" in overview and "<svg" in overview  # the chart
+    assert f"sl_{key.prefix}_" in overview  # the top key
+
+    keys = page("/dashboard/keys/")  # the tenant's keys; a member may not create or revoke
+    assert f"sl_{key.prefix}_" in keys and ">key-a</a>" in keys and "active" in keys
+    assert 'id="create-key"' not in keys and "Revoke" not in keys
+
+    log = page("/dashboard/queries/")  # the queries, filterable by status, endpoint and key
+    assert f'data-query="{query.pk}"' in log and "prompt of a" in log
+    assert all(f'name="{name}"' in log for name in ("status", "endpoint", "key"))
+
+    detail = page(f"/dashboard/queries/{query.pk}/")  # the image, answer, tokens and timings
+    assert 'id="query-image"' in detail and '<div id="answer">an answer</div>' in detail
+    assert "10 prompt, 5 completion" in detail and "Timings:" in detail
+
+    playground = page("/dashboard/playground/")  # image, prompt, a run button; says the model is noise
+    assert all(f'id="{element}"' in playground for element in ("image", "prompt", "run", "answer"))
+    assert 'id="tiny-model-notice"' in playground and "random noise" in playground
+
+    key_page = page(f"/dashboard/keys/{key.pk}/")
+    assert f"sl_{key.prefix}_" in key_page and "owners and admins change keys" in key_page
+
     image = client.get(f"/dashboard/queries/{query.pk}/image.png")
     assert image.status_code == 200 and image["Content-Type"] == "image/png"
 

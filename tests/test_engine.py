@@ -35,7 +35,14 @@ def test_tiny_model_is_the_glm4v_architecture_and_small(tiny_model_dir):
 def test_loads_through_the_auto_classes(engine):
     assert type(engine.model).__name__ == "Glm4vForConditionalGeneration"
     assert type(engine.processor).__name__ == "Glm4vProcessor"
-    assert engine.device == "cpu" and engine.dtype == "float32"
+    # The README's promise: CUDA in bfloat16 when a GPU is there, else the CPU in float32.
+    import torch
+
+    cuda = torch.cuda.is_available()
+    assert engine.device == ("cuda" if cuda else "cpu")
+    assert engine.dtype == ("bfloat16" if cuda else "float32")
+    weights = next(engine.model.parameters())
+    assert weights.device.type == engine.device and str(weights.dtype) == f"torch.{engine.dtype}"
 
 
 def test_stream_deltas_join_to_the_final_text(engine, picture):
@@ -60,14 +67,25 @@ def test_sampling_runs(engine, picture):
 
 
 def test_should_stop_cancels_within_a_token(engine, picture):
-    generation = engine.stream(picture, "Describe it.", GenerationParams(max_new_tokens=500), should_stop=lambda: seen)
-    seen = False
+    """``should_stop`` is asked once per generated token; the token after which it first says yes
+    is the last one generated."""
+    asked = 0
+    stopped_after = None
+
+    def should_stop():
+        nonlocal asked, stopped_after
+        asked += 1
+        if deltas and stopped_after is None:
+            stopped_after = asked  # the first time it is asked once text has arrived
+        return stopped_after is not None
+
     deltas = []
+    generation = engine.stream(picture, "Describe it.", GenerationParams(max_new_tokens=500), should_stop=should_stop)
     for delta in generation:
         deltas.append(delta)
-        seen = True
     assert generation.result.finish_reason == "cancelled"
-    assert generation.result.completion_tokens < 500
+    assert stopped_after is not None and generation.result.completion_tokens == stopped_after
+    assert asked == stopped_after  # never asked again once it said stop
     assert "".join(deltas) == generation.result.text
 
 

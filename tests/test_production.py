@@ -116,15 +116,18 @@ def test_cancel_stops_generation_and_keeps_the_partial_answer(live_stack, key):
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "cancelled", frames[-1]
     query = wait_finished(frames[1]["query_id"])
     assert query.status == Query.Status.FAILED and query.error_code == "cancelled"
-    assert query.answer  # the partial answer is kept
-    assert query.completion_tokens < 1000
+    # Stopped by the cancel (not by max_tokens), and the partial answer kept is exactly what was
+    # streamed: the runner flushes every delta before it writes the outcome and sends the error.
+    assert query.finish_reason == "cancelled" and 1 <= query.completion_tokens < 1000
+    assert query.answer and query.answer == "".join(f["text"] for f in frames if f["type"] == "token")
 
 
 def test_disconnect_cancels_the_query(live_stack, key):
     frames = asyncio.run(_stream(live_stack.ws_url, key, max_tokens=1000, close_after=1))
     query = wait_finished(frames[1]["query_id"])
     assert query.status == Query.Status.FAILED and query.error_code == "cancelled"
-    assert query.completion_tokens < 1000
+    assert query.finish_reason == "cancelled" and 1 <= query.completion_tokens < 1000
+    assert query.answer.startswith("".join(f["text"] for f in frames if f["type"] == "token"))
 
 
 def test_websocket_auth_by_first_frame_and_refusal(live_stack, key):
@@ -183,8 +186,11 @@ def test_async_job_202_then_poll_to_succeeded(live_stack, key):
 
 
 def test_killed_worker_loses_nothing(tenant, tmp_path):
-    """SIGKILL a worker mid-generation: of 20 queries, every row ends succeeded or failed with a reason,
-    and every concurrent-request slot is given back."""
+    """SIGKILL a worker mid-generation, start another: the killed query is ended worker_lost by the
+    new worker's sweeper once the dead one's heartbeat expires (WORKER_HEARTBEAT_TTL), every other
+    query of 20 succeeds on the new worker, each run once, and every slot and token is settled."""
+    from django.utils import timezone
+
     row, key = accounts.create_api_key(tenant, "many", max_concurrent_requests=50)
     stack = Stack(tmp_path)
     stack.start_web()
@@ -195,7 +201,7 @@ def test_killed_worker_loses_nothing(tenant, tmp_path):
         for i in range(20):
             # The first (the first the worker takes) is long, so that the kill lands in its generation
             # rather than in the few milliseconds between two queries.
-            max_tokens = 1000 if i == 0 else 200
+            max_tokens = 1000 if i == 0 else 16
             status, body = post_json(
                 stack.url + "/v1/queries", {"image": _image_b64(i), "prompt": f"q{i}", "max_tokens": max_tokens}, key
             )
@@ -206,26 +212,94 @@ def test_killed_worker_loses_nothing(tenant, tmp_path):
                 break
             time.sleep(0.05)
         stack.kill("doomed")
+        killed_at = timezone.now()
         stack.start_worker("rescuer")
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if Query.objects.filter(pk__in=ids, status__in=[Query.Status.QUEUED, Query.Status.RUNNING]).count() == 0:
                 break
             time.sleep(0.5)
-        rows = list(Query.objects.filter(pk__in=ids))
+        rows = {str(q.pk): q for q in Query.objects.filter(pk__in=ids)}
         assert len(rows) == 20
-        assert all(q.status in (Query.Status.SUCCEEDED, Query.Status.FAILED) for q in rows), [q.status for q in rows]
-        assert all(q.error_code for q in rows if q.status == Query.Status.FAILED)
-        lost = [q for q in rows if q.error_code == "worker_lost"]
-        assert [str(q.pk) for q in lost] == [ids[0]] and lost[0].worker.startswith("doomed-")
-        assert lost[0].completion_tokens is None or lost[0].completion_tokens < 1000
+        lost = rows.pop(ids[0])
+        assert (lost.status, lost.error_code) == (Query.Status.FAILED, "worker_lost"), (lost.status, lost.error_code)
+        assert lost.worker.startswith("doomed-") and lost.worker in lost.error_message
+        assert lost.started_at < killed_at and lost.completion_tokens is None  # it died before writing any
+        assert lost.finished_at > killed_at  # ended by the rescuer's sweeper: the web process never sweeps
+        assert [q.status for q in rows.values()] == [Query.Status.SUCCEEDED] * 19, [
+            (q.status, q.error_code) for q in rows.values()
+        ]
+        # Each ran once, on the rescuer: one claim (its worker and its one started_at, after the kill).
+        assert all(q.worker.startswith("rescuer-") and q.started_at > killed_at for q in rows.values())
+        assert all(q.completion_tokens == 16 for q in rows.values())
+        log = stack.log("rescuer")
+        assert log.count("succeeded in") == 19, log  # 19 tasks run by the rescuer,
+        assert "not running it again" not in log  # none of them a second delivery
         for _ in range(150):  # freed after the outcome is written, or by the sweeper if the ender died
             status, usage = get_json(stack.url + "/v1/usage", key)
             if usage["key"]["quotas"]["concurrent_requests"]["used"] == 0:
                 break
             time.sleep(0.1)
         assert usage["key"]["quotas"]["concurrent_requests"]["used"] == 0
-        assert usage["key"]["quotas"]["tokens_per_month"]["used"] == sum(q.total_tokens or 0 for q in rows)
+        used = sum(q.total_tokens for q in rows.values())  # the lost one's reservation was refunded whole
+        assert usage["key"]["quotas"]["tokens_per_month"]["used"] == used
+    finally:
+        stack.stop()
+
+
+def test_sweeper_ends_never_taken_queries_from_the_command_one_sweeper_at_a_time(tenant, tmp_path, settings):
+    """End to end: no worker on the queue and MAX_QUEUED_SECONDS of 1 s. While another sweeper holds
+    the Redis lock, a worker's sweeper skips its turn; `manage.py sweep_queries` ends the query
+    failed/worker_lost and gives its slot back."""
+    import sys
+
+    from inference import workers
+    from tests.conftest import REPO
+    from tests.stack import SESSION_PREFIX
+
+    _, key = accounts.create_api_key(tenant, "orphan", max_concurrent_requests=1)
+    stack = Stack(tmp_path, MAX_QUEUED_SECONDS="1")
+    stack.start_web()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if stack.get_json("/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, stack.log("web")
+            time.sleep(0.3)
+        status, body = post_json(stack.url + "/v1/queries", {"image": _image_b64(), "prompt": "x"}, key)
+        assert status == 202, body
+        time.sleep(1.5)  # older than MAX_QUEUED_SECONDS now
+
+        # This process as a worker's sweeper, on the stack's Redis and settings.
+        settings.REDIS_URL, settings.REDIS_KEY_PREFIX, settings.MAX_QUEUED_SECONDS = stack.redis_url, SESSION_PREFIX, 1
+        held = workers.client().lock(f"{SESSION_PREFIX}:sweeper", timeout=60)
+        assert held.acquire(blocking=True, blocking_timeout=10)  # another sweeper is running
+        try:
+            assert workers.sweep_with_lock() is None
+            assert Query.objects.get(pk=body["id"]).status == Query.Status.QUEUED
+        finally:
+            held.release()
+
+        swept = subprocess.run(
+            [sys.executable, "manage.py", "sweep_queries"],
+            cwd=REPO,
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert swept.returncode == 0, swept.stderr
+        assert "ended 0 running on dead workers, 1 never taken" in swept.stdout
+        query = Query.objects.get(pk=body["id"])
+        assert (query.status, query.error_code) == (Query.Status.FAILED, "worker_lost")
+        assert query.error_message == "No worker took this query within 1 s."
+        usage = get_json(stack.url + "/v1/usage", key)[1]["key"]["quotas"]
+        assert usage["concurrent_requests"]["used"] == 0 and usage["tokens_per_month"]["used"] == 0
+        assert workers.sweep_with_lock() == {"worker_lost": 0, "never_taken": 0, "settled_late": 0}  # free now
     finally:
         stack.stop()
 
@@ -306,3 +380,19 @@ def test_websocket_from_a_foreign_web_page_is_refused(live_stack, key):
     with pytest.raises(websockets.InvalidStatus) as info:
         asyncio.run(connect("https://evil.example.com"))
     assert info.value.response.status_code == 403
+
+
+def test_stack_teardown_kills_what_ignores_sigterm(tmp_path):
+    """A process that ignores SIGTERM is killed after the grace period, and the others are stopped too."""
+    import sys
+
+    stack = Stack(tmp_path)
+    stubborn = stack._spawn(
+        "stubborn",
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+    )
+    polite = stack._spawn("polite", [sys.executable, "-c", "import time; time.sleep(600)"])
+    time.sleep(0.5)  # let the first install its handler
+    stack.stop(grace=1)
+    assert stubborn.poll() == -9 and polite.poll() == -15
+    assert stack.processes == {}

@@ -4,9 +4,10 @@ same rules in the embedded default's in-process counters, and slots that always 
 import asyncio
 import base64
 import json
+import math
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from accounts import quotas
 from accounts import services as accounts
 from inference.models import Query, UsageDaily
 from tests import media
-from tests.stack import get_json, post_json
+from tests.stack import Stack, get_json, post_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -54,19 +55,51 @@ def test_200_concurrent_requests_at_50_per_minute_admit_exactly_50(live_stack):
     assert UsageDaily.objects.get(api_key__name="burst").rejected == 150
 
 
-def test_token_budget_is_never_overshot_under_concurrency(live_stack):
-    budget = 2000
-    row, key = accounts.create_api_key(_tenant(tokens_per_month=budget), "budget")
+def _web_of(live_stack, log_dir, **env) -> Stack:
+    """A second web process of the live stack's deployment (its queue, Redis, database and key
+    prefix; `env` overrides settings of this process only)."""
+    web = Stack(log_dir, INFERENCE_QUEUE=live_stack.queue, **env)
+    web.queue = live_stack.queue
+    web.start_web()
+    try:
+        web.wait_ready()
+    except BaseException:
+        web.stop()
+        raise
+    return web
+
+
+def test_token_budget_is_never_overshot_under_concurrency(live_stack, tmp_path):
+    """The budget binds on real use: a web process whose token bound is exact for this request
+    (measured first) reserves what each query will really use, so the budget admits exactly
+    floor(budget / use) of 24 concurrent requests, whenever the earlier ones settle."""
     body = {"image": IMAGE, "prompt": "hi", "max_tokens": 16}
-    responses = asyncio.run(_burst(live_stack.url + "/v1/glm/infer", key, 24, body))
-    statuses = [r.status_code for r in responses]
-    assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
-    assert all(r.json()["code"] == "quota_exceeded" for r in responses if r.status_code == 429)
-    used = sum(q.total_tokens for q in Query.objects.filter(api_key=row))
-    assert used <= budget
-    _, usage = get_json(live_stack.url + "/v1/usage", key)
-    assert usage["key"]["quotas"]["tokens_per_month"]["used"] == used  # every reservation settled to the real count
-    assert usage["key"]["this_month"]["total_tokens"] == used
+    _, measure = accounts.create_api_key(_tenant(), "measure")
+    status, measured = post_json(live_stack.url + "/v1/glm/infer", body, measure)
+    assert status == 200, measured
+    use = measured["usage"]["total_tokens"]  # the tiny model always generates exactly max_tokens
+    assert measured["usage"]["completion_tokens"] == 16
+    # reservation = max_tokens + prompt bytes + IMAGE_TOKEN_BOUND + TEMPLATE_TOKEN_BOUND = use
+    bound = measured["usage"]["prompt_tokens"] - len(body["prompt"].encode())
+    web = _web_of(live_stack, tmp_path, IMAGE_TOKEN_BOUND=str(bound), TEMPLATE_TOKEN_BOUND="0")
+    try:
+        budget = 5 * use + use // 2  # room for 5, and half of a sixth
+        row, key = accounts.create_api_key(_tenant(tokens_per_month=budget), "budget")
+        responses = asyncio.run(_burst(web.url + "/v1/glm/infer", key, 24, body))
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(200) == 5 and statuses.count(429) == 19, statuses
+        assert all(r.json()["code"] == "quota_exceeded" for r in responses if r.status_code == 429)
+        rows = list(Query.objects.filter(api_key=row))
+        assert len(rows) == 5 and all(q.reserved_tokens == q.total_tokens == use for q in rows)
+        used = sum(q.total_tokens for q in rows)
+        assert used == 5 * use <= budget
+        _, usage = get_json(web.url + "/v1/usage", key)
+        assert usage["key"]["quotas"]["tokens_per_month"]["used"] == used  # every reservation settled to the real count
+        assert usage["key"]["this_month"]["total_tokens"] == used
+        status, refused = post_json(web.url + "/v1/glm/infer", body, key)  # all settled: still no room for one more
+        assert status == 429 and refused["code"] == "quota_exceeded", refused
+    finally:
+        web.stop()
 
 
 def test_concurrent_slot_is_released_after_success_failure_and_cancel(live_stack):
@@ -156,14 +189,81 @@ def test_embedded_token_budget_and_slots():
     assert backend.admit(1, limits, 10, "d", now)[0] == "max_concurrent_requests"
 
 
-def test_every_answer_carries_rate_limit_headers(authed_client, png_bytes):
-    """In the embedded default too (in-process counters): admitted, refused and plain GET answers."""
-    for response in (
-        authed_client.get("/v1/models"),
-        authed_client.get("/v1/usage"),
-        authed_client.post("/v1/glm/infer", {"prompt": "", "image": "AAAA"}, format="json"),
-    ):
-        assert response["x-ratelimit-limit-requests"] == "60", response
-        assert int(response["x-ratelimit-remaining-requests"]) <= 60
-        assert response["x-ratelimit-limit-tokens"] == "2000000"
-        assert response["x-ratelimit-reset-tokens"]
+def _seconds(duration: str) -> float:
+    """OpenAI's reset format back to seconds: 1.5s, 6m0s, 2h3m4s."""
+    import re
+
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?([\d.]+)s", duration)
+    assert match, duration
+    hours, minutes, seconds = match.groups()
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds)
+
+
+def _until_next_month(at: float) -> float:
+    now = datetime.fromtimestamp(at, UTC)
+    following = (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)).replace(day=1)
+    return (following - now).total_seconds()
+
+
+def test_rate_limit_headers_count_down_and_a_429_says_when_to_retry(tenant, png_bytes, settings):
+    """The exact x-ratelimit-* values, in the embedded default (in-process counters): before any
+    request, after each admission, on a real 429 for requests per minute and on one for tokens."""
+    from rest_framework.test import APIClient
+
+    _, key = accounts.create_api_key(tenant, "counted", requests_per_minute=2, tokens_per_month=1000)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    body = {"image": base64.b64encode(png_bytes).decode(), "prompt": "hi", "max_tokens": 4}
+    reserve = 4 + len("hi") + settings.IMAGE_TOKEN_BOUND + settings.TEMPLATE_TOKEN_BOUND  # the README's bound
+
+    def infer():
+        before = time.time()
+        response = client.post("/v1/glm/infer", body, format="json")
+        return response, before, time.time()
+
+    def reset_tokens_ok(response, before, after):
+        return (
+            _until_next_month(after) - 1 <= _seconds(response["x-ratelimit-reset-tokens"]) <= _until_next_month(before)
+        )
+
+    before = time.time()
+    idle = client.get("/v1/usage")
+    assert (idle["x-ratelimit-limit-requests"], idle["x-ratelimit-remaining-requests"]) == ("2", "2")
+    assert idle["x-ratelimit-reset-requests"] == "0s"  # nothing in the window
+    assert (idle["x-ratelimit-limit-tokens"], idle["x-ratelimit-remaining-tokens"]) == ("1000", "1000")
+    assert reset_tokens_ok(idle, before, time.time())
+
+    first, before1, after1 = infer()
+    assert first.status_code == 200, first.content
+    assert first["x-ratelimit-remaining-requests"] == "1"
+    assert first["x-ratelimit-reset-requests"] == "1m0s"  # the window's oldest request is this one
+    assert first["x-ratelimit-remaining-tokens"] == str(1000 - reserve)  # reserved, not yet used
+    assert reset_tokens_ok(first, before1, after1)
+    used1 = first.json()["usage"]["total_tokens"]
+
+    second, before2, after2 = infer()
+    assert second.status_code == 200, second.content
+    assert second["x-ratelimit-remaining-requests"] == "0"
+    assert before1 + 60 - after2 - 0.1 <= _seconds(second["x-ratelimit-reset-requests"]) <= after1 + 60 - before2
+    assert second["x-ratelimit-remaining-tokens"] == str(1000 - used1 - reserve)  # the first one settled
+    used2 = second.json()["usage"]["total_tokens"]
+
+    refused, before3, after3 = infer()
+    assert refused.status_code == 429 and refused.json()["code"] == "rate_limited"
+    assert "2 requests per minute" in refused.json()["msg"]
+    assert (refused["x-ratelimit-limit-requests"], refused["x-ratelimit-remaining-requests"]) == ("2", "0")
+    window_left = (before1 + 60 - after3, after1 + 60 - before3)  # until the first request leaves the window
+    assert window_left[0] - 0.1 <= _seconds(refused["x-ratelimit-reset-requests"]) <= window_left[1]
+    assert math.ceil(window_left[0]) <= int(refused["Retry-After"]) <= math.ceil(window_left[1])
+    assert refused["x-ratelimit-remaining-tokens"] == str(1000 - used1 - used2)  # a refusal reserves nothing
+    assert reset_tokens_ok(refused, before3, after3)
+
+    # A budget that cannot cover the request: quota_exceeded, retry when the month turns.
+    _, poor = accounts.create_api_key(tenant, "poor", tokens_per_month=reserve - 1)
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {poor}")
+    broke, before4, after4 = infer()
+    assert broke.status_code == 429 and broke.json()["code"] == "quota_exceeded"
+    assert (broke["x-ratelimit-limit-tokens"], broke["x-ratelimit-remaining-tokens"]) == (str(reserve - 1),) * 2
+    assert reset_tokens_ok(broke, before4, after4)
+    assert math.ceil(_until_next_month(after4)) <= int(broke["Retry-After"]) <= math.ceil(_until_next_month(before4))
+    assert broke["x-ratelimit-remaining-requests"] == "60"  # the tenant's default; a refusal is not counted
