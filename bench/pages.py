@@ -213,7 +213,9 @@ def main():
             ("admin", "/admin/inference/query/?q=number+123456"),  # free-text search (trigram index)
             ("admin", "/metrics"),  # not a page, but read from the same tables
         ]
-        print(f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Uvicorn) after a first request")
+        print(
+            f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Uvicorn) after a first request"
+        )
         print(
             "PostgreSQL's cache is hot (the rows were just loaded): 'first' is each page's first request "
             "(cold for the web process), the rest are hot"
