@@ -94,11 +94,14 @@ def check_image(data: bytes) -> CheckedImage:
             image.load()
     except ApiError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # Pillow's own guard can fire while the header is read, before our check above: name our limit.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard can fire while the header is read, before our check above; its message
+        # carries the image's pixel count ("Image size (N pixels) exceeds ..."): quote it with our limit.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else f"more than {settings.MAX_IMAGE_PIXELS:,} pixels"
         raise ApiError(
             "image_too_large",
-            f"The image has more than {settings.MAX_IMAGE_PIXELS:,} pixels, the limit. Scale it down before sending.",
+            f"The image is {size}; the limit is {settings.MAX_IMAGE_PIXELS:,} pixels. Scale it down before sending.",
             param="image",
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:

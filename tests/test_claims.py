@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from django.conf import settings
 
 from accounts import services as accounts
 from inference.models import Query
@@ -226,8 +227,9 @@ def test_image_bomb_through_chat_completions_is_413_in_openais_shape(api):
     assert status == 413, body
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == "image_too_large" and body["error"]["type"] == "invalid_request_error"
-    # Refused from the header, before decoding; the message names the claimed size.
-    assert "10000000000 pixels" in body["error"]["message"]
+    # Refused from the header, before decoding; the message names the claimed size and our limit.
+    assert "10,000,000,000 pixels" in body["error"]["message"]
+    assert f"{settings.MAX_IMAGE_PIXELS:,} pixels" in body["error"]["message"]
     assert api.usage(key)["key"]["quotas"]["concurrent_requests"]["used"] == 0
 
 

@@ -23,7 +23,7 @@ def _assert_succeeded_row(body: dict) -> Query:
     assert isinstance(body["result"], str) and body["result"]
     assert body["cost_time"] > 0
     query = Query.objects.get(pk=body["query_id"])
-    assert query.status == Query.Status.SUCCEEDED
+    assert query.status == Query.Status.SUCCEEDED, (query.error_code, query.error_message)
     assert query.answer == body["result"]
     assert query.prompt_tokens > 0 and query.completion_tokens > 0
     assert body["usage"] == {
@@ -203,5 +203,5 @@ def test_sync_timeout_gives_504_with_query_id_and_the_query_goes_on(authed_clien
         if query.settled_at is not None:
             break
         time.sleep(0.1)
-    assert query.status == Query.Status.SUCCEEDED
+    assert query.status == Query.Status.SUCCEEDED, (query.error_code, query.error_message)
     assert query.answer
