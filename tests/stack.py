@@ -186,7 +186,7 @@ class Stack:
         raise RuntimeError(f"stack not ready: {body}\n" + "\n".join(self.log(n) for n in self.processes))
 
 
-def post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
+def post_json_with_headers(url: str, body: dict, key: str) -> tuple[int, dict, dict]:
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode(),
@@ -195,9 +195,14 @@ def post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
+            return response.status, json.load(response), response.headers
     except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+        return error.code, json.load(error), error.headers
+
+
+def post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
+    status, answer, _ = post_json_with_headers(url, body, key)
+    return status, answer
 
 
 def get_json(url: str, key: str) -> tuple[int, dict]:

@@ -3,13 +3,10 @@ loses everything, and a Redis pause. The rows in PostgreSQL are the truth; Redis
 
 import ast
 import base64
-import json
 import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime
 
 import pytest
@@ -21,7 +18,7 @@ from accounts import services as accounts
 from inference.models import Query, UsageDaily
 from tests import media
 from tests.conftest import REPO, free_port
-from tests.stack import SESSION_PREFIX, Stack, post_json
+from tests.stack import SESSION_PREFIX, Stack, post_json, post_json_with_headers
 
 
 def test_accounts_never_imports_the_inference_runtime():
@@ -237,20 +234,6 @@ def test_redis_restart_strands_no_queued_query_and_keeps_quota_counts(tenant, tm
 
 
 # --- item 8: Redis paused ------------------------------------------------------------------------
-def _post_with_headers(url, body, key):
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response), response.headers
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error), error.headers
-
-
 def test_redis_pause_answers_503_and_fails_no_running_query(tenant, tmp_path):
     """SIGSTOP Redis for WORKER_HEARTBEAT_TTL + 2 s while a long query runs: admissions answer 503
     service_unavailable with Retry-After (not 500), /health/ready says redis false, and after
@@ -271,7 +254,7 @@ def test_redis_pause_answers_503_and_fails_no_running_query(tenant, tmp_path):
         own.process.send_signal(signal.SIGSTOP)
         paused_at = time.monotonic()
         try:
-            status, body, headers = _post_with_headers(
+            status, body, headers = post_json_with_headers(
                 stack.url + "/v1/queries", {"image": SMALL, "prompt": "x", "max_tokens": 1}, key
             )
             ready_status, ready = stack.get_json("/health/ready")
