@@ -12,9 +12,14 @@ class UsageSerializer(serializers.Serializer):
 
 class _InferParams(serializers.Serializer):
     prompt = serializers.CharField(help_text="The question about the image; at most 8,000 characters.")
-    max_tokens = serializers.IntegerField(required=False, min_value=1, help_text="1..MAX_NEW_TOKENS (default 256)")
-    temperature = serializers.FloatField(required=False, min_value=0, max_value=2, help_text="0 = greedy")
-    top_p = serializers.FloatField(required=False, min_value=0, max_value=1)
+    # null is the default, as when the field is left out (OpenAI's SDKs send null for None).
+    max_tokens = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, help_text="1..MAX_NEW_TOKENS (default 256)"
+    )
+    temperature = serializers.FloatField(
+        required=False, allow_null=True, min_value=0, max_value=2, help_text="0 = greedy (the default)"
+    )
+    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1, help_text="default 1")
 
 
 class InferMultipartSerializer(_InferParams):

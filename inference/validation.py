@@ -72,8 +72,8 @@ def number(value, field: str, kind: type, low, high, default):
         raise refuse(field, f"'{field}' must be a number; got {_kind(value)}.")
     if isinstance(value, float) and not math.isfinite(value):
         raise refuse(field, f"'{field}' must be a finite number.")
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise refuse(field, f"'{field}' must be a whole number.")
+    if kind is int and isinstance(value, float):  # 256.0 too, as OpenAI's API and the schema's integer say
+        raise refuse(field, f"'{field}' must be a whole number (an integer, like 256); got {_shown(value)}.")
     if not low <= value <= high:  # compared before converting: float(10**400) would overflow
         raise refuse(field, f"'{field}' must be between {low} and {high}; got {_shown(value)}.")
     return kind(value)

@@ -168,7 +168,7 @@ def test_no_worker_with_the_model_is_503_model_unavailable(no_worker_stack):
 # --- 504 timeout and key_expired through the production stack -----------------------------------
 @pytest.fixture(scope="module")
 def short_timeout_stack(django_db_setup, tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("short-timeout"), SYNC_TIMEOUT="2")
+    stack = Stack(tmp_path_factory.mktemp("short-timeout"), SYNC_TIMEOUT="1")
     stack.start_web()
     stack.start_worker("w")
     try:
@@ -180,13 +180,18 @@ def short_timeout_stack(django_db_setup, tmp_path_factory):
 
 def test_sync_timeout_is_504_with_the_query_id_and_the_query_goes_on(short_timeout_stack):
     key = _key()
+    # The one solo worker is busy with a long job (1,024 tokens: seconds, even when the tiny model is
+    # fast), so the sync request below waits past SYNC_TIMEOUT for certain, however fast it would run.
+    blocker = _post(short_timeout_stack, "/v1/queries", _key(), {"image": IMAGE, "prompt": "on", "max_tokens": 1024})
+    assert blocker.status_code == 202, blocker.text
+    _wait(lambda: Query.objects.get(pk=blocker.json()["id"]).status == Query.Status.RUNNING, 60, "never ran")
     started = time.monotonic()
     response = _post(short_timeout_stack, "/v1/glm/infer", key, {"image": IMAGE, "prompt": "long", "max_tokens": 200})
     waited = time.monotonic() - started
     assert response.status_code == 504, response.text
     body = response.json()
     assert body["code"] == "timeout" and f"/v1/queries/{body['query_id']}" in body["msg"], body
-    assert 2 <= waited < 30
+    assert 1 <= waited < 30
     assert Query.objects.get(pk=body["query_id"]).status in (Query.Status.QUEUED, Query.Status.RUNNING)
     query = _wait(
         lambda: (q := Query.objects.get(pk=body["query_id"])).settled_at and q, 180, "the query never finished"
