@@ -98,9 +98,14 @@ def image_bytes_from(request) -> bytes | None:
     raise ApiError("invalid_image", "'image' must be a file upload, base64 or a data URI.", param="image")
 
 
+# The fields of /v1/glm/infer and POST /v1/queries (JSON keys or form parts); any other is refused.
+INFER_FIELDS = ("image", "prompt", "max_tokens", "temperature", "top_p")
+
+
 def submit_from(request, endpoint: str) -> Query:
     """Admit the request's query (multipart or JSON) through the shared admission path."""
     data = request.data
+    validation.refuse_unknown(data, INFER_FIELDS, endpoint=request.path)
     numbers = {name: data.get(name) for name in ("max_tokens", "temperature", "top_p")}
     if isinstance(data, QueryDict):  # a form's numbers are text; JSON's must be JSON numbers
         numbers = {name: validation.form_number(value, name) for name, value in numbers.items()}
@@ -125,7 +130,8 @@ class GlmInferView(KeyedAPIView):
         description=(
             "Send `multipart/form-data` with an `image` file and a `prompt`, or `application/json` with "
             "`image` as base64 or a data URI. Waits for the answer (at most SYNC_TIMEOUT seconds; past it, "
-            "504 `timeout` with the `query_id`, and the query goes on)."
+            "504 `timeout` with the `query_id`, and the query goes on). Any other field is refused with 400 "
+            "`unsupported_parameter`."
         ),
         request={
             "multipart/form-data": serializers.InferMultipartSerializer,

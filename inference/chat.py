@@ -91,3 +91,154 @@ def parse_messages(messages) -> ChatRequest:
     else:
         image_bytes = decode_base64_image(url, param="image_url")
     return ChatRequest(messages=converted, prompt=prompt, all_text="\n".join(texts), image_bytes=image_bytes)
+
+
+# --- every request field's treatment ------------------------------------------------------------
+# DESIGN.md: every OpenAI parameter is honoured, informational (stored) or refused with
+# unsupported_parameter, never ignored: a tool that sends `stop` or `tools` and gets a 200 would
+# believe they worked. This table is the one place that says which; the README's "Parameters"
+# table is checked against it (tests/test_openai_params.py).
+HONOURED, STORED, REFUSED = "honoured", "stored", "refused"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    treatment: str
+    note: str = ""  # honoured/stored: what it does; refused: what to do instead
+    # Values of a refused field that change nothing, accepted: OpenAI's SDKs, litellm and LangChain
+    # send such defaults (`stop: null`, `presence_penalty: 0`, `tools: []`) on every request, and
+    # refusing them would break those clients for a parameter their user never set. null is always one.
+    off: tuple = ()
+
+
+def _refused(note: str, *off) -> Parameter:
+    return Parameter(REFUSED, note, off)
+
+
+_LATER = "is not supported yet"
+CHAT_PARAMETERS: dict[str, Parameter] = {
+    "model": Parameter(HONOURED, "a model of GET /v1/models (default: the served model)"),
+    "messages": Parameter(HONOURED, "system/developer/user/assistant text and one image_url part"),
+    "max_tokens": Parameter(HONOURED, "1..MAX_NEW_TOKENS"),
+    "max_completion_tokens": Parameter(HONOURED, "as max_tokens (wins over it)"),
+    "temperature": Parameter(HONOURED, "0..2; omitted or below 1e-5 is greedy"),
+    "top_p": Parameter(HONOURED, "0..1"),
+    "stream": Parameter(HONOURED, "SSE chat.completion.chunk events"),
+    "stream_options": Parameter(HONOURED, "include_usage only"),
+    "n": Parameter(HONOURED, "1 only; n > 1 is refused (unsupported_parameter)"),
+    "user": Parameter(STORED, "a string, kept in the query's params (first 200 characters)"),
+    "metadata": Parameter(STORED, "up to 16 string pairs, kept in the query's params"),
+    "store": Parameter(STORED, "a boolean, kept in the query's params (every query is logged anyway)"),
+    "service_tier": Parameter(STORED, "auto, default, flex, scale or priority; kept in the query's params"),
+    "stop": _refused(f"{_LATER}; cut the answer on the client side", "", []),
+    "seed": _refused(f"{_LATER}; temperature 0 (greedy) gives repeatable answers"),
+    "logprobs": _refused(_LATER, False),
+    "top_logprobs": _refused(_LATER, 0),
+    "response_format": _refused(f"{_LATER}; ask for JSON in the prompt", {"type": "text"}),
+    "tools": _refused(_LATER, []),
+    "tool_choice": _refused(_LATER, "none"),
+    "parallel_tool_calls": _refused(_LATER),
+    "functions": _refused(_LATER, []),
+    "function_call": _refused(_LATER, "none"),
+    "presence_penalty": _refused(_LATER, 0),
+    "frequency_penalty": _refused(_LATER, 0),
+    "logit_bias": _refused(_LATER, {}),
+    "top_k": _refused(_LATER, -1, 0),  # vLLM: -1 (and 0) disable top-k
+    "min_p": _refused(_LATER, 0),
+    "repetition_penalty": _refused(_LATER, 1),
+    "reasoning_effort": _refused(_LATER),
+    "chat_template_kwargs": _refused(_LATER, {}),
+    "prediction": _refused(_LATER),
+    "audio": _refused("is not supported: answers are text only"),
+    "modalities": _refused("is not supported: answers are text only", ["text"]),
+    "web_search_options": _refused("is not supported: the model does not search the web"),
+    "verbosity": _refused(_LATER),
+    "prompt_cache_key": _refused(_LATER),
+    "safety_identifier": _refused(_LATER),
+    # vLLM's extras
+    "best_of": _refused(_LATER, 1),
+    "use_beam_search": _refused(_LATER, False),
+    "length_penalty": _refused(_LATER, 1),
+    "min_tokens": _refused(_LATER, 0),
+    "ignore_eos": _refused(_LATER, False),
+    "stop_token_ids": _refused(_LATER, []),
+    "include_stop_str_in_output": _refused(_LATER, False),
+    "skip_special_tokens": _refused(_LATER, True),
+    "spaces_between_special_tokens": _refused(_LATER, True),
+    "truncate_prompt_tokens": _refused(_LATER),
+    "prompt_logprobs": _refused(_LATER),
+    "echo": _refused(_LATER, False),
+    "add_generation_prompt": _refused(_LATER, True),
+    "continue_final_message": _refused(_LATER, False),
+    "add_special_tokens": _refused(_LATER, False),
+    "documents": _refused(_LATER),
+    "chat_template": _refused("is not supported: the model's own chat template is always used"),
+    "mm_processor_kwargs": _refused(_LATER),
+    "guided_json": _refused(_LATER),
+    "guided_regex": _refused(_LATER),
+    "guided_choice": _refused(_LATER),
+    "guided_grammar": _refused(_LATER),
+    "guided_decoding_backend": _refused(_LATER),
+    "structured_outputs": _refused(_LATER),
+    "allowed_token_ids": _refused(_LATER),
+    "bad_words": _refused(_LATER, []),
+    "logits_processors": _refused(_LATER),
+    "priority": _refused(_LATER, 0),
+    "request_id": _refused(_LATER),
+    "return_tokens_as_token_ids": _refused(_LATER, False),
+}
+
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+
+
+def _same(value, off) -> bool:
+    # False == 0 in Python; `logprobs: 0` or `presence_penalty: false` is not an "off" value.
+    return isinstance(value, bool) == isinstance(off, bool) and type(value) in (type(off), int, float) and value == off
+
+
+def refuse_unsupported(body: dict) -> None:
+    """400 unsupported_parameter for the first field that is neither honoured nor stored (unless it
+    carries a value that changes nothing), and for any field this table does not know."""
+    for field, value in body.items():
+        parameter = CHAT_PARAMETERS.get(field)
+        if parameter is None:
+            raise ApiError(
+                "unsupported_parameter",
+                f"'{field[:64]}' is not a parameter of /v1/chat/completions (is it misspelt?); "
+                "the README's Parameters table lists them.",
+                param=field[:64],
+            )
+        if parameter.treatment != REFUSED or value is None or any(_same(value, off) for off in parameter.off):
+            continue
+        raise ApiError(
+            "unsupported_parameter", f"'{field}' {parameter.note}. Leave it out (or send null).", param=field
+        )
+
+
+def informational(body: dict) -> dict:
+    """The stored fields of a request, checked (400 invalid_request naming the field), for ``params``."""
+    stored = {}
+    user = validation.text(body.get("user"), "user")
+    if user:
+        stored["user"] = user[:200]
+    metadata = validation.obj(body.get("metadata"), "metadata")
+    if metadata is not None:
+        if len(metadata) > 16:
+            raise validation.refuse("metadata", f"'metadata' has {len(metadata)} keys; the limit is 16.")
+        for key, item in metadata.items():
+            if len(key) > 64 or not isinstance(item, str) or len(item) > 512:
+                raise validation.refuse(
+                    "metadata",
+                    "'metadata' holds up to 16 pairs of a key of at most 64 characters and a string value "
+                    f"of at most 512; '{key[:64]}' is not one.",
+                )
+        stored["metadata"] = metadata
+    store = body.get("store")
+    if store is not None:
+        stored["store"] = validation.boolean(store, "store")
+    tier = validation.text(body.get("service_tier"), "service_tier")
+    if tier is not None:
+        if tier not in SERVICE_TIERS:
+            raise validation.refuse("service_tier", f"'service_tier' must be one of {', '.join(SERVICE_TIERS)}.")
+        stored["service_tier"] = tier
+    return stored

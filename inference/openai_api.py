@@ -12,9 +12,13 @@ from rest_framework.response import Response
 from config.errors import ApiError, error_body
 from inference import events, services, validation
 from inference.api import EXAMPLE_PNG, KEYED, SUBMITS, KeyedAPIView, client_info, errors, with_rate_headers
-from inference.chat import parse_messages
+from inference.chat import informational, parse_messages, refuse_unsupported
 from inference.models import Query
 from inference.parsers import JSONObjectParser
+
+# OpenAI's own bound on n: within it, n > 1 is a feature Sightline lacks yet (unsupported_parameter);
+# beyond it, a bad value (invalid_request).
+MAX_OPENAI_N = 128
 
 
 def _completion_id(query: Query) -> str:
@@ -40,6 +44,12 @@ class ChatCompletionsView(KeyedAPIView):
     @extend_schema(
         operation_id="chat_completions",
         summary="OpenAI-compatible chat completion about one image",
+        description=(
+            "OpenAI's request. Each field is honoured, stored (`user`, `metadata`, `store`, `service_tier`) "
+            "or refused with 400 `unsupported_parameter` naming it (`stop`, `seed`, `tools`, ..., and any "
+            "unknown field); a refused field sent as null or with a value that changes nothing is accepted. "
+            "The README's Parameters table lists every field."
+        ),
         request=OpenApiTypes.OBJECT,
         responses={200: OpenApiTypes.OBJECT, **errors(*SUBMITS, 404, 502, 504, 507, style="openai")},
         examples=[
@@ -66,18 +76,28 @@ class ChatCompletionsView(KeyedAPIView):
     )
     def post(self, request):
         body = request.data  # an object of clean text and finite numbers (JSONObjectParser)
-        if validation.number(body.get("n"), "n", int, 1, 1, 1) != 1:
-            raise ApiError("invalid_request", "Only n=1 is supported.", param="n")
+        refuse_unsupported(body)  # before anything is admitted: no quota, no Query row
+        if validation.number(body.get("n"), "n", int, 1, MAX_OPENAI_N, 1) != 1:
+            raise ApiError(
+                "unsupported_parameter",
+                "'n' greater than 1 is not supported yet; send n=1 (or leave it out).",
+                param="n",
+            )
+        options = validation.obj(body.get("stream_options"), "stream_options") or {}
+        for key in options:
+            if key != "include_usage":
+                raise ApiError(
+                    "unsupported_parameter",
+                    f"'stream_options.{key[:64]}' is not supported; only include_usage is.",
+                    param=f"stream_options.{key[:64]}",
+                )
+        extra = informational(body)
         chat = parse_messages(body.get("messages"))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         stream = validation.boolean(body.get("stream"), "stream")
-        options = validation.obj(body.get("stream_options"), "stream_options") or {}
         include_usage = validation.boolean(options.get("include_usage"), "stream_options.include_usage")
         include_usage = include_usage and stream
-        extra = {"messages": chat.messages}
-        user = validation.text(body.get("user"), "user")
-        if user:
-            extra["user"] = user[:200]
+        extra = {"messages": chat.messages, **extra}
         query = services.submit(
             request.auth,
             endpoint=Query.Endpoint.CHAT_COMPLETIONS,
@@ -159,6 +179,14 @@ class ChatCompletionsView(KeyedAPIView):
                 await services.acancel(query.pk)
 
 
+def _model_object(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "sightline"}
+
+
+def _usable_models(api_key) -> list[str]:
+    return [m for m in services.served_models() if api_key.tenant.may_use(m)]
+
+
 class ModelsView(KeyedAPIView):
     error_style = "openai"
 
@@ -169,10 +197,26 @@ class ModelsView(KeyedAPIView):
     )
     def get(self, request):
         created = int(time.time())
-        models = [m for m in services.served_models() if request.auth.tenant.may_use(m)]
-        return Response(
-            {
-                "object": "list",
-                "data": [{"id": m, "object": "model", "created": created, "owned_by": "sightline"} for m in models],
-            }
-        )
+        return Response({"object": "list", "data": [_model_object(m, created) for m in _usable_models(request.auth)]})
+
+
+class ModelDetailView(KeyedAPIView):
+    """``GET /v1/models/{id}``: the SDK's ``models.retrieve``; a model this key may not use is 404 as
+    an unknown one is (never saying which)."""
+
+    error_style = "openai"
+
+    @extend_schema(
+        operation_id="models_retrieve",
+        responses={200: OpenApiTypes.OBJECT, **errors(*KEYED, 404, style="openai")},
+        tags=["openai"],
+    )
+    def get(self, request, model_id):
+        if model_id not in _usable_models(request.auth):
+            shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."
+            raise ApiError(
+                "model_not_found",
+                f"The model '{shown}' does not exist or this key may not use it; GET /v1/models lists yours.",
+                param="model",
+            )
+        return Response(_model_object(model_id, int(time.time())))

@@ -9,6 +9,8 @@ urlpatterns = [
     path("v1/queries/<str:query_id>/cancel", api.QueryCancelView.as_view(), name="query-cancel"),
     path("v1/chat/completions", openai_api.ChatCompletionsView.as_view(), name="chat-completions"),
     path("v1/models", openai_api.ModelsView.as_view(), name="models"),
+    # <path:>: model ids may hold a slash (org/name), and the SDK sends them unescaped.
+    path("v1/models/<path:model_id>", openai_api.ModelDetailView.as_view(), name="model-detail"),
     path("v1/usage", api.UsageView.as_view(), name="usage"),
     path("health", api.HealthView.as_view(), name="health"),
     path("health/ready", api.ReadyView.as_view(), name="health-ready"),

@@ -118,6 +118,19 @@ def temperature(value) -> float:
     return 0.0 if checked < GREEDY_BELOW else checked
 
 
+# --- unknown fields -----------------------------------------------------------------------------
+def refuse_unknown(data, known: tuple[str, ...], *, endpoint: str) -> None:
+    """400 unsupported_parameter for a field ``endpoint`` does not take (JSON keys or form parts): a
+    misspelt ``max_token`` must not pass silently with the default in its place (DESIGN.md)."""
+    for field in data:
+        if field not in known:
+            raise ApiError(
+                "unsupported_parameter",
+                f"'{field[:64]}' is not a parameter of {endpoint} (is it misspelt?); it takes {', '.join(known)}.",
+                param=field[:64],
+            )
+
+
 # --- whole JSON documents -----------------------------------------------------------------------
 def check_json(document, *, where: str = "body") -> dict:
     """A parsed JSON request body or websocket frame: an object whose every string is clean text and
