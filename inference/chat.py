@@ -127,6 +127,9 @@ CHAT_PARAMETERS: dict[str, Parameter] = {
     "stream_options": Parameter(HONOURED, "include_usage only"),
     "n": Parameter(HONOURED, "1 only; n > 1 is refused (unsupported_parameter)"),
     "user": Parameter(STORED, "a string, kept in the query's params (first 200 characters)"),
+    # OpenAI's successor of `user`, and a caching hint that changes no answer: kept like `user`.
+    "safety_identifier": Parameter(STORED, "a string, kept in the query's params (first 200 characters)"),
+    "prompt_cache_key": Parameter(STORED, "a string, kept in the query's params (first 200 characters)"),
     "metadata": Parameter(STORED, "up to 16 string pairs, kept in the query's params"),
     "store": Parameter(STORED, "a boolean, kept in the query's params (every query is logged anyway)"),
     "service_tier": Parameter(STORED, "auto, default, flex, scale or priority; kept in the query's params"),
@@ -153,8 +156,6 @@ CHAT_PARAMETERS: dict[str, Parameter] = {
     "modalities": _refused("is not supported: answers are text only", ["text"]),
     "web_search_options": _refused("is not supported: the model does not search the web"),
     "verbosity": _refused(_LATER),
-    "prompt_cache_key": _refused(_LATER),
-    "safety_identifier": _refused(_LATER),
     # vLLM's extras
     "best_of": _refused(_LATER, 1),
     "use_beam_search": _refused(_LATER, False),
@@ -218,9 +219,10 @@ def refuse_unsupported(body: dict) -> None:
 def informational(body: dict) -> dict:
     """The stored fields of a request, checked (400 invalid_request naming the field), for ``params``."""
     stored = {}
-    user = validation.text(body.get("user"), "user")
-    if user:
-        stored["user"] = user[:200]
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        text = validation.text(body.get(name), name)
+        if text:
+            stored[name] = text[:200]
     metadata = validation.obj(body.get("metadata"), "metadata")
     if metadata is not None:
         if len(metadata) > 16:

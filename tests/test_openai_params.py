@@ -140,11 +140,19 @@ def test_a_false_or_zero_of_the_wrong_kind_is_not_off(authed_client):
 
 
 def test_informational_fields_are_stored(authed_client):
-    body = _chat(user="u-42", metadata={"run": "7", "team": "vision"}, store=False, service_tier="flex")
+    body = _chat(
+        user="u-42",
+        metadata={"run": "7", "team": "vision"},
+        store=False,
+        service_tier="flex",
+        safety_identifier="hash-of-u42",
+        prompt_cache_key="k1",
+    )
     response = _post(authed_client, body)
     assert response.status_code == 200, response.content
     params = Query.objects.get().params
     assert params["user"] == "u-42"
+    assert (params["safety_identifier"], params["prompt_cache_key"]) == ("hash-of-u42", "k1")
     assert params["metadata"] == {"run": "7", "team": "vision"}
     assert params["store"] is False
     assert params["service_tier"] == "flex"
@@ -152,7 +160,14 @@ def test_informational_fields_are_stored(authed_client):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("metadata", "x"), ("metadata", {"k": 1}), ("store", "yes"), ("service_tier", "fastest"), ("user", 5)],
+    [
+        ("metadata", "x"),
+        ("metadata", {"k": 1}),
+        ("store", "yes"),
+        ("service_tier", "fastest"),
+        ("user", 5),
+        ("safety_identifier", 5),
+    ],
 )
 def test_informational_fields_of_the_wrong_type_are_invalid(authed_client, field, value):
     response = _post(authed_client, _chat(**{field: value}))
