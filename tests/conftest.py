@@ -73,13 +73,7 @@ def free_port() -> int:
 def live_stack(django_db_setup, tmp_path_factory, tiny_model_dir):
     """The web process (Uvicorn, `manage.py serve`) + one Celery worker as real processes, on the test
     database and Redis (see tests/stack.py)."""
-    from tests.stack import Stack
+    from tests.stack import running_stack
 
-    stack = Stack(tmp_path_factory.mktemp("stack"))
-    stack.start_web()
-    stack.start_worker("w1")
-    try:
-        stack.wait_ready()
+    with running_stack(tmp_path_factory.mktemp("stack")) as stack:
         yield stack
-    finally:
-        stack.stop()

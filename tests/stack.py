@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import REPO, free_port
@@ -167,6 +168,21 @@ class Stack:
         except urllib.error.HTTPError as error:
             return error.code, json.load(error)
 
+    def wait_web(self, timeout: float = 60) -> None:
+        """Wait (bounded) until the web process answers /health at all (no worker needed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.processes["web"].poll() is not None:
+                raise RuntimeError(f"web exited early:\n{self.log('web')}")
+            try:
+                if self.get_json("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"web did not answer /health within {timeout} s:\n{self.log('web')}")
+            time.sleep(0.2)
+
     def wait_ready(self, workers: int = 1, timeout: float = 120) -> dict:
         """Wait (bounded) until /health/ready sees `workers` live workers with the model loaded."""
         deadline = time.monotonic() + timeout
@@ -212,3 +228,17 @@ def get_json(url: str, key: str) -> tuple[int, dict]:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
+
+
+@contextmanager
+def running_stack(log_dir: Path, *, workers: tuple[str, ...] = ("w1",), **extra_env):
+    """A started Stack (web + ``workers``), ready, stopped on the way out."""
+    stack = Stack(log_dir, **extra_env)
+    stack.start_web()
+    for name in workers:
+        stack.start_worker(name)
+    try:
+        stack.wait_ready(workers=len(workers))
+        yield stack
+    finally:
+        stack.stop()

@@ -23,7 +23,7 @@ from accounts import services as accounts
 from inference.models import Query
 from tests import media
 from tests.conftest import free_port
-from tests.stack import Stack
+from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -63,20 +63,6 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
-def _wait_web(stack: Stack) -> None:
-    """Wait (bounded) until the web process answers /health at all."""
-
-    def up():
-        if stack.processes["web"].poll() is not None:
-            raise AssertionError(stack.log("web"))
-        try:
-            return stack.get_json("/health")[0] == 200
-        except OSError:
-            return False
-
-    _wait(up, 60, "the web process did not answer")
-
-
 # --- a stack with no worker: lease expiry and model_unavailable --------------------------------
 # The concurrent slot's lease is MAX_QUEUED_SECONDS + INFERENCE_HARD_TIME_LIMIT + 60 s
 # (accounts.quotas.slot_lease_ms). Only the web process runs here, and it reads these two settings
@@ -96,7 +82,7 @@ def no_worker_stack(django_db_setup, tmp_path_factory):
     )
     stack.start_web()
     try:
-        _wait_web(stack)
+        stack.wait_web()
         yield stack
     finally:
         stack.stop()
@@ -168,14 +154,8 @@ def test_no_worker_with_the_model_is_503_model_unavailable(no_worker_stack):
 # --- 504 timeout and key_expired through the production stack -----------------------------------
 @pytest.fixture(scope="module")
 def short_timeout_stack(django_db_setup, tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("short-timeout"), SYNC_TIMEOUT="1")
-    stack.start_web()
-    stack.start_worker("w")
-    try:
-        stack.wait_ready()
+    with running_stack(tmp_path_factory.mktemp("short-timeout"), workers=("w",), SYNC_TIMEOUT="1") as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_sync_timeout_is_504_with_the_query_id_and_the_query_goes_on(short_timeout_stack):

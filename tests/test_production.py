@@ -262,15 +262,7 @@ def test_sweeper_ends_never_taken_queries_from_the_command_one_sweeper_at_a_time
     stack = Stack(tmp_path, MAX_QUEUED_SECONDS="1")
     stack.start_web()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if stack.get_json("/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, stack.log("web")
-            time.sleep(0.3)
+        stack.wait_web()
         status, body = post_json(stack.url + "/v1/queries", {"image": _image_b64(), "prompt": "x"}, key)
         assert status == 202, body
         time.sleep(1.5)  # older than MAX_QUEUED_SECONDS now

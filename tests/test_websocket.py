@@ -24,7 +24,7 @@ from accounts import services as accounts
 from accounts.models import ApiKey, Membership
 from inference.models import Query
 from tests import media
-from tests.stack import Stack
+from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -41,14 +41,8 @@ WS_ENV = {
 @pytest.fixture(scope="module")
 def stack(django_db_setup, django_db_blocker, tmp_path_factory, tiny_model_dir):
     """A web process and one Celery worker with a short auth timeout, a small socket cap and a short lease."""
-    stack = Stack(tmp_path_factory.mktemp("ws-stack"), **WS_ENV)
-    stack.start_web()
-    stack.start_worker("w1")
-    try:
-        stack.wait_ready()
+    with running_stack(tmp_path_factory.mktemp("ws-stack"), **WS_ENV) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture
