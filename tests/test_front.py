@@ -311,7 +311,7 @@ def test_sigterm_with_requests_in_flight_answers_them_and_exits_within_the_grace
         # A key of its own: the four requests below use all four concurrent slots of theirs.
         blocker_key = accounts.create_api_key(Tenant.objects.get(slug="acme"), "blocker")[1]
         status, blocker = post_json(
-            stack.url + "/v1/queries", {"image": image, "prompt": "Go on and on.", "max_tokens": 400}, blocker_key
+            stack.url + "/v1/queries", {"image": image, "prompt": "Go on and on.", "max_tokens": 1000}, blocker_key
         )
         assert status == 202, blocker
         deadline = time.monotonic() + 60
