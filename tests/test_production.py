@@ -256,10 +256,12 @@ def test_sweeper_ends_never_taken_queries_from_the_command_one_sweeper_at_a_time
 
     from inference import workers
     from tests.conftest import REPO
-    from tests.stack import SESSION_PREFIX
 
     _, key = accounts.create_api_key(tenant, "orphan", max_concurrent_requests=1)
-    stack = Stack(tmp_path, MAX_QUEUED_SECONDS="1")
+    # A key prefix of its own: the session's other workers sweep under SESSION_PREFIX's lock every
+    # second, which made taking that lock here a race.
+    prefix = f"sweeper-lock-{uuid.uuid4().hex[:8]}"
+    stack = Stack(tmp_path, MAX_QUEUED_SECONDS="1", REDIS_KEY_PREFIX=prefix)
     stack.start_web()
     try:
         stack.wait_web()
@@ -268,9 +270,9 @@ def test_sweeper_ends_never_taken_queries_from_the_command_one_sweeper_at_a_time
         time.sleep(1.5)  # older than MAX_QUEUED_SECONDS now
 
         # This process as a worker's sweeper, on the stack's Redis and settings.
-        settings.REDIS_URL, settings.REDIS_KEY_PREFIX, settings.MAX_QUEUED_SECONDS = stack.redis_url, SESSION_PREFIX, 1
+        settings.REDIS_URL, settings.REDIS_KEY_PREFIX, settings.MAX_QUEUED_SECONDS = stack.redis_url, prefix, 1
         settings.EMBEDDED = False  # its quota counters too: the stack's, in Redis
-        held = workers.client().lock(f"{SESSION_PREFIX}:sweeper", timeout=60)
+        held = workers.client().lock(f"{prefix}:sweeper", timeout=60)
         assert held.acquire(blocking=True, blocking_timeout=10)  # another sweeper is running
         try:
             assert workers.sweep_with_lock() is None
