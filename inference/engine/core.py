@@ -1,4 +1,4 @@
-"""The inference engine: loads a vision-language model with transformers' auto classes and streams
+"""The engine core: loads a vision-language model with transformers' auto classes and streams
 its answers. Used by the Celery workers and by the embedded default's worker thread.
 
 Importing this module imports neither torch nor transformers (the web tier imports its names);
