@@ -3,15 +3,18 @@
 No machine here reaches a model hub, so tests and the embedded default serve this instead of
 ``zai-org/GLM-4.6V-Flash``. It has the same classes end to end — ``Glm4vConfig`` /
 ``Glm4vForConditionalGeneration``, ``Glm4vProcessor`` with ``Glm4vImageProcessor`` and
-``Glm4vVideoProcessor``, a fast tokenizer carrying GLM's special tokens, and a chat template
-equivalent to GLM's — and loads through the same auto classes, so the loading and generation code
-is exercised for real. **Its weights are random: its answers are noise.** It is under 1 MB.
+``Glm4vVideoProcessor`` — and speaks GLM-4.6V-Flash's formats: the published tokenizer's special
+tokens (each one token), a chat template rendering the published one's text (thinking, tools, tool
+results, images), and the published generation config. It loads through the same auto classes, so the
+loading, generation and output-parsing code is exercised for real. **Its weights are random: its
+answers are noise.** It is under 1 MB.
 """
 
 import shutil
 from pathlib import Path
 
-# GLM's special tokens, in the order the real tokenizer numbers them (ids differ here).
+# GLM-4.6V-Flash's added tokens, in the order its published tokenizer numbers them (151329 onwards there;
+# the ids differ in this tiny vocabulary). Each is one token: tests check it.
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "[MASK]",
@@ -27,33 +30,157 @@ SPECIAL_TOKENS = [
     "<|end_of_image|>",
     "<|begin_of_video|>",
     "<|end_of_video|>",
-    "<|image|>",
-    "<|video|>",
+    "<|begin_of_audio|>",
+    "<|end_of_audio|>",
+    "<|begin_of_transcription|>",
+    "<|end_of_transcription|>",
+    "<|code_prefix|>",
+    "<|code_middle|>",
+    "<|code_suffix|>",
     "<think>",
     "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "/nothink",
+    "<|begin_of_box|>",
+    "<|end_of_box|>",
+    "<|image|>",
+    "<|video|>",
 ]
-# GLM stops on any of these.
+# GLM stops on any of these (its generation_config's eos_token_id: <|endoftext|>, <|user|>, <|observation|>).
 EOS_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
-# Equivalent to GLM-4.6V's template for what Sightline sends: "[gMASK]<sop>", then each turn as
-# "<|role|>\n" + its content, images as "<|begin_of_image|><|image|><|end_of_image|>", then the
-# assistant's turn with an empty thinking block (non-thinking mode).
-CHAT_TEMPLATE = (
-    "[gMASK]<sop>"
-    "{%- for msg in messages %}"
-    "{%- if msg.role == 'system' %}<|system|>\n"
-    "{%- elif msg.role == 'user' %}<|user|>\n"
-    "{%- elif msg.role == 'assistant' %}<|assistant|>\n"
-    "{%- elif msg.role == 'observation' %}<|observation|>\n{%- endif %}"
-    "{%- if msg.content is string %}{{ msg.content }}"
-    "{%- else %}{%- for item in msg.content %}"
-    "{%- if item.type == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
-    "{%- elif item.type == 'video' %}<|begin_of_video|><|video|><|end_of_video|>"
-    "{%- elif item.type == 'text' %}{{ item.text }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|assistant|>\n<think></think>\n{%- endif %}"
-)
+# GLM-4.6V-Flash's generation defaults (its generation_config.json, zai-org/GLM-4.6V-Flash, MIT licence): it
+# samples by default. No hub is reachable from here, so they were read from public records of the model's
+# defaults (temperature, top_p, top_k) and from GLM-V's own demo code (repetition_penalty 1.1, with top_k 2).
+# An engine that takes omitted sampling parameters from the model's generation_config (as vLLM does) gets
+# these; the tiny model carries the same so that path runs in tests.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.6, "top_k": 2, "repetition_penalty": 1.1}
+
+# The chat template: GLM-4.6V-Flash's prompt format (its published chat_template.jinja, zai-org/GLM-4.6V-Flash,
+# MIT licence), re-implemented here rather than copied. It renders the same text as the published template for
+# every conversation Sightline sends, which tests/test_glm_format.py checks case by case (it was checked against
+# the published template's own rendering while being written):
+# - "[gMASK]<sop>", then with `tools` a system turn listing each tool as JSON with GLM's tool-call instructions;
+# - system "<|system|>\n…", user "<|user|>\n…" (images and videos as begin/placeholder/end markers, in place);
+# - assistant "<|assistant|>\n<think>…</think>" (the reasoning shown only for turns after the last user turn,
+#   from `reasoning_content` or a "<think>…</think>" prefix of the content), then "\n" + the stripped content,
+#   then each tool call as "\n<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>\n…</tool_call>"
+#   (V: a string as is, anything else as JSON); `arguments` must be an object here — see
+#   inference.engine.output.template_messages, which parses JSON-string arguments first, as vLLM does;
+# - tool results "<|observation|>" once per run of tool messages, each "\n<tool_response>\n…\n</tool_response>"
+#   (a text result keeps the published template's newline after the closing tag);
+# - thinking is on by default; `enable_thinking=False` (a template kwarg) appends "/nothink" to user turns and
+#   opens the assistant turn with an empty "<think></think>\n", as the published template does.
+# One deliberate difference: a `null` content renders as nothing (the published template prints "None").
+CHAT_TEMPLATE = r"""{#- GLM-4.6V-Flash's prompt format (zai-org/GLM-4.6V-Flash, chat_template.jinja, MIT licence),
+    re-implemented for Sightline's tiny test model: equivalent to the published template for the
+    conversations Sightline sends, checked against its rendering; not a copy of it. -#}
+{%- macro visible(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for part in content -%}
+            {%- if part is string -%}
+                {{- part -}}
+            {%- elif part is mapping and part.type == 'text' -%}
+                {{- part.text -}}
+            {%- elif part is mapping and (part.type == 'image' or 'image' in part) -%}
+                {{- '<|begin_of_image|><|image|><|end_of_image|>' -}}
+            {%- elif part is mapping and (part.type == 'video' or 'video' in part) -%}
+                {{- '<|begin_of_video|><|video|><|end_of_video|>' -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- elif content is not none -%}
+        {{- content -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set no_think = enable_thinking is defined and not enable_thinking -%}
+{%- set state = namespace(last_user=-1) -%}
+{%- for m in messages -%}
+    {%- if m.role == 'user' -%}{%- set state.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{{- '[gMASK]<sop>' -}}
+{%- if tools -%}
+    {{- '<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n' -}}
+    {%- for tool in tools -%}
+        {{- tool | tojson(ensure_ascii=False) -}}{{- '\n' -}}
+    {%- endfor -%}
+    {{- '</tools>\n\nFor each function call, output the function name and arguments within the following XML '
+        'format:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}'
+        '</arg_value>\n<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>' -}}
+{%- endif -%}
+{%- for m in messages -%}
+    {%- if m.role == 'system' -%}
+        {{- '<|system|>\n' ~ visible(m.content) -}}
+    {%- elif m.role == 'user' -%}
+        {%- set text = visible(m.content) -%}
+        {{- '<|user|>\n' ~ text -}}
+        {%- if no_think and not text.endswith('/nothink') -%}{{- '/nothink' -}}{%- endif -%}
+    {%- elif m.role == 'assistant' -%}
+        {%- set text = visible(m.content) -%}
+        {%- set thought = '' -%}
+        {%- if m.reasoning_content is string -%}
+            {%- set thought = m.reasoning_content -%}
+        {%- elif '</think>' in text -%}
+            {%- set thought = text.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') -%}
+            {%- set text = text.split('</think>')[-1].lstrip('\n') -%}
+        {%- endif -%}
+        {{- '<|assistant|>\n<think>' -}}
+        {%- if loop.index0 > state.last_user -%}{{- thought.strip() -}}{%- endif -%}
+        {{- '</think>' -}}
+        {%- if text.strip() -%}{{- '\n' ~ text.strip() -}}{%- endif -%}
+        {%- for call in m.tool_calls or [] -%}
+            {%- set fn = call.function if call.function else call -%}
+            {%- if fn.arguments is string -%}
+                {{- raise_exception('tool_calls arguments must be an object here: parse the JSON text first') -}}
+            {%- endif -%}
+            {{- '\n<tool_call>' ~ fn.name ~ '\n' -}}
+            {%- for key, value in fn.arguments.items() -%}
+                {{- '<arg_key>' ~ key ~ '</arg_key>\n<arg_value>' -}}
+                {{- value if value is string else value | tojson(ensure_ascii=False) -}}
+                {{- '</arg_value>\n' -}}
+            {%- endfor -%}
+            {{- '</tool_call>' -}}
+        {%- endfor -%}
+    {%- elif m.role == 'tool' -%}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|observation|>' -}}{%- endif -%}
+        {{- '\n<tool_response>\n' -}}
+        {%- if m.content is string -%}
+            {{- m.content ~ '\n</tool_response>\n' -}}
+        {%- else -%}
+            {%- for part in m.content -%}
+                {%- if part is mapping and part.type is defined -%}
+                    {%- set kind = part.type | lower -%}
+                    {%- if kind == 'text' and part.text is defined -%}
+                        {{- part.text -}}
+                    {%- elif kind in ['image', 'image_url'] -%}
+                        {{- '<|begin_of_image|><|image|><|end_of_image|>' -}}
+                    {%- elif kind in ['video', 'video_url'] -%}
+                        {{- '<|begin_of_video|><|video|><|end_of_video|>' -}}
+                    {%- else -%}
+                        {{- part | tojson(ensure_ascii=False) -}}
+                    {%- endif -%}
+                {%- else -%}
+                    {{- part.output if part.output is defined else part -}}
+                {%- endif -%}
+            {%- endfor -%}
+            {{- '\n</tool_response>' -}}
+        {%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>\n' -}}
+    {%- if no_think -%}{{- '<think></think>\n' -}}{%- endif -%}
+{%- endif -%}
+"""
 
 _CORPUS = [
     "A small house stands under a yellow sun on green grass.",
@@ -71,7 +198,9 @@ Built offline by `python manage.py build_tiny_model`. Same architecture classes 
 GLM-4.6V-Flash (`Glm4vForConditionalGeneration`, `Glm4vProcessor`), 2 text layers 64 wide and a
 2-deep, 32-wide vision tower, **randomly initialised: its answers are random noise.** It exists so
 that Sightline's loading, streaming and serving code runs for real where no model hub can be
-reached. Set `INFERENCE_MODEL=zai-org/GLM-4.6V-Flash` (or a local copy) for real answers.
+reached. It speaks GLM-4.6V-Flash's formats: the same special tokens, a chat template equivalent to
+the published one (credited in `chat_template.jinja`) and the same generation defaults. Set
+`INFERENCE_MODEL=zai-org/GLM-4.6V-Flash` (or a local copy) for real answers.
 """
 
 
@@ -156,14 +285,16 @@ def build_tiny_model(out_dir, seed: int = 0) -> Path:
     model = Glm4vForConditionalGeneration(config).eval()
 
     eos = [ids[token] for token in EOS_TOKENS]
-    # Random weights pick any token. Keep the noise readable (no special tokens, no stray bytes or
-    # control characters) and the length predictable: the stop tokens are suppressed too, so the
-    # tiny model always generates exactly max_new_tokens (finish_reason "length").
+    # GLM-4.6V-Flash's published defaults, plus one thing for tests only: random weights pick any token, so
+    # keep the noise readable (no special tokens, no stray bytes or control characters) and the length
+    # predictable. The stop tokens are suppressed too, so the tiny model always generates exactly
+    # max_new_tokens (finish_reason "length"); to make it say something specific (markers included), a test
+    # forces tokens through a logits processor that leaves only the chosen token possible.
     unreadable = [i for i in range(len(tokenizer)) if not _readable(tokenizer.decode([i]))]
     model.generation_config = GenerationConfig(
+        **GENERATION_DEFAULTS,
         eos_token_id=eos,
         pad_token_id=eos[0],
-        do_sample=False,
         suppress_tokens=sorted(set(ids.values()) | set(unreadable)),
     )
     # Small images: at most 224x224 pixels reach the vision tower (64 image tokens).
