@@ -235,6 +235,13 @@ METRICS_WINDOW_SECONDS = env_int("METRICS_WINDOW_SECONDS", 300)
 IMAGE_TOKEN_BOUND = env_int("IMAGE_TOKEN_BOUND", (MAX_IMAGE_SIDE // 28 + 1) ** 2 + 2)
 TEMPLATE_TOKEN_BOUND = env_int("TEMPLATE_TOKEN_BOUND", 32)
 STREAM_COALESCE_SECONDS = env_float("STREAM_COALESCE_SECONDS", 0.02)
+# Choices one chat request may ask for (`n`): they are decoded together, each costs its tokens.
+MAX_N = env_int("MAX_N", 4)
+# GLM-4.6V thinks before it answers unless told not to. Chat completions, the Responses API and the
+# websocket follow the model (on, as vLLM does); /v1/glm/infer's `result` is the answer alone, so
+# it asks without thinking unless the request says otherwise.
+CHAT_THINKING_DEFAULT = env_bool("CHAT_THINKING_DEFAULT", True)
+GLM_INFER_THINKING_DEFAULT = env_bool("GLM_INFER_THINKING_DEFAULT", False)
 
 # --- http -----------------------------------------------------------------------------------
 # A request body may be at most MAX_REQUEST_BYTES: the images a request may carry as base64 (4/3

@@ -99,7 +99,18 @@ def image_bytes_from(request) -> bytes | None:
 
 
 # The fields of /v1/glm/infer and POST /v1/queries (JSON keys or form parts); any other is refused.
-INFER_FIELDS = ("image", "prompt", "max_tokens", "temperature", "top_p")
+INFER_FIELDS = ("image", "prompt", "max_tokens", "temperature", "top_p", "enable_thinking")
+
+
+def _thinking(data) -> bool:
+    """``enable_thinking``: a JSON boolean, or a form's "true"/"false"; off unless asked (the
+    ``result`` of these endpoints is the answer alone; the reasoning has its own field)."""
+    value = data.get("enable_thinking")
+    if isinstance(data, QueryDict) and value is not None:
+        if value not in ("true", "false"):
+            raise validation.refuse("enable_thinking", "'enable_thinking' must be true or false.")
+        value = value == "true"
+    return validation.boolean(value, "enable_thinking", default=settings.GLM_INFER_THINKING_DEFAULT)
 
 
 def submit_from(request, endpoint: str) -> Query:
@@ -115,6 +126,7 @@ def submit_from(request, endpoint: str) -> Query:
         client=client_info(request),
         prompt=data.get("prompt"),
         image_bytes=image_bytes_from(request),
+        extra_params={"enable_thinking": _thinking(data)},
         **numbers,
     )
 
@@ -157,6 +169,7 @@ class GlmInferView(KeyedAPIView):
         done = services.run_sync_or_raise(query)
         body = {
             "result": done.answer,
+            "reasoning": done.reasoning,
             "code": 0,
             "cost_time": round(done.total_seconds or 0.0, 3),
             "query_id": str(done.pk),

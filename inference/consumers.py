@@ -4,8 +4,10 @@ are the same services the REST API uses; this class only speaks the frames.
 Client frames: ``{"type": "auth", "api_key": ...}`` (first, within WS_AUTH_TIMEOUT_SECONDS, unless
 a header or the dashboard session authenticated),
 ``{"type": "infer", "prompt", "image" (base64 or data URI), "max_tokens"?, "temperature"?, "top_p"?}``,
-``{"type": "cancel"}``. Server frames: ``ready``, ``queued`` (with ``query_id``), ``token`` (``text``),
-``done`` (``result``, ``usage``, ``cost_time``, ``finish_reason``) or ``error`` (``code``, ``message``,
+``chat_template_kwargs``/``reasoning_effort``? (thinking on or off, as in chat completions),
+``{"type": "cancel"}``. Server frames: ``ready``, ``queued`` (with ``query_id``), ``reasoning``
+(``text``: the model's thinking), ``token`` (``text``: the answer),
+``done`` (``result``, ``reasoning``, ``usage``, ``cost_time``, ``finish_reason``) or ``error`` (``code``, ``message``,
 ``param``?).
 
 The key's state (revoked, expired, tenant disabled; for the dashboard session, the membership) is
@@ -30,7 +32,7 @@ from django.conf import settings
 from accounts import dashboard
 from accounts import services as accounts
 from config.errors import ApiError
-from inference import events, parsers, services, sockets
+from inference import events, parameters, parsers, services, sockets
 from inference.images import decode_base64_image
 from inference.models import Query
 
@@ -197,6 +199,7 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
             max_tokens=content.get("max_tokens"),
             temperature=content.get("temperature"),
             top_p=content.get("top_p"),
+            extra_params={"enable_thinking": parameters.thinking(content, default=settings.CHAT_THINKING_DEFAULT)},
         )
         self.query_id = str(query.pk)
         self.group = events.group_name(query.pk)
@@ -229,7 +232,12 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "started", "query_id": event["query_id"]})
 
     async def query_token(self, event):
-        await self.send_json({"type": "token", "query_id": event["query_id"], "text": event["text"]})
+        """The answer's text as ``token`` frames, the thinking as ``reasoning`` frames, in order."""
+        for piece in event["pieces"]:
+            if piece["reasoning"]:
+                await self.send_json({"type": "reasoning", "query_id": event["query_id"], "text": piece["reasoning"]})
+            if piece["text"]:
+                await self.send_json({"type": "token", "query_id": event["query_id"], "text": piece["text"]})
 
     async def query_done(self, event):
         await self._leave()
@@ -238,6 +246,8 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
                 "type": "done",
                 "query_id": event["query_id"],
                 "result": event["result"],
+                "reasoning": event["reasoning"],
+                "tool_calls": event["tool_calls"],
                 "finish_reason": event["finish_reason"],
                 "usage": event["usage"],
                 "cost_time": event["cost_time"],

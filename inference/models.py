@@ -20,6 +20,7 @@ class Query(models.Model):
         CHAT_COMPLETIONS = "chat_completions", "POST /v1/chat/completions"
         QUERIES = "queries", "POST /v1/queries"
         WEBSOCKET = "websocket", "WS /ws/v1/infer"
+        RESPONSES = "responses", "POST /v1/responses"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey("accounts.Tenant", on_delete=models.CASCADE, related_name="queries")
@@ -40,9 +41,15 @@ class Query(models.Model):
     image_bytes = models.PositiveIntegerField()
 
     answer = models.TextField(blank=True, default="")
+    reasoning = models.TextField(blank=True, default="", help_text="the model's thinking, apart from the answer")
+    tool_calls = models.JSONField(default=list, blank=True, help_text="OpenAI-shaped tool calls of the answer")
+    choices = models.JSONField(
+        default=list, blank=True, help_text="every choice (n > 1) or the logprobs; empty for one plain answer"
+    )
     finish_reason = models.CharField(max_length=16, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    reasoning_tokens = models.PositiveIntegerField(null=True, blank=True)
     error_code = models.CharField(max_length=32, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
 

@@ -10,31 +10,55 @@ from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework.response import Response
 
 from config.errors import ApiError, error_body
-from inference import events, services, validation
+from inference import events, parameters, services, validation
 from inference.api import EXAMPLE_PNG, KEYED, SUBMITS, KeyedAPIView, client_info, errors, with_rate_headers
 from inference.chat import informational, parse_messages, refuse_unsupported
 from inference.models import Query
 from inference.parsers import JSONObjectParser
-
-# OpenAI's own bound on n: within it, n > 1 is a feature Sightline lacks yet (unsupported_parameter);
-# beyond it, a bad value (invalid_request).
-MAX_OPENAI_N = 128
 
 
 def _completion_id(query: Query) -> str:
     return f"chatcmpl-{query.pk.hex}"
 
 
-def _usage(values: dict) -> dict:
-    return {
-        "prompt_tokens": values.get("prompt_tokens", 0),
-        "completion_tokens": values.get("completion_tokens", 0),
-        "total_tokens": values.get("total_tokens", 0),
-    }
+FINISH_REASONS = {"length": "length", "tool_calls": "tool_calls"}  # anything else ended normally: "stop"
 
 
 def _finish_reason(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+    return FINISH_REASONS.get(reason, "stop")
+
+
+def choices_of(query: Query) -> list[dict]:
+    """Every choice of a finished query, as the runner recorded it."""
+    if query.choices:
+        return query.choices
+    return [
+        {
+            "index": 0,
+            "text": query.answer,
+            "reasoning": query.reasoning,
+            "tool_calls": query.tool_calls,
+            "finish_reason": query.finish_reason,
+            "logprobs": None,
+        }
+    ]
+
+
+def _message(choice: dict) -> dict:
+    """An assistant message in OpenAI's shape, with vLLM's ``reasoning_content`` beside the answer."""
+    calls = choice.get("tool_calls") or []
+    message = {
+        "role": "assistant",
+        "content": choice["text"] if choice["text"] or not calls else None,
+        "reasoning_content": choice.get("reasoning") or None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _logprobs(entries) -> dict | None:
+    return None if entries is None else {"content": entries}
 
 
 class ChatCompletionsView(KeyedAPIView):
@@ -43,12 +67,14 @@ class ChatCompletionsView(KeyedAPIView):
 
     @extend_schema(
         operation_id="chat_completions",
-        summary="OpenAI-compatible chat completion about one image",
+        summary="OpenAI-compatible chat completion (text and images)",
         description=(
-            "OpenAI's request. Each field is honoured, stored (`user`, `metadata`, `store`, `service_tier`) "
-            "or refused with 400 `unsupported_parameter` naming it (`stop`, `seed`, `tools`, ..., and any "
-            "unknown field); a refused field sent as null or with a value that changes nothing is accepted. "
-            "The README's Parameters table lists every field."
+            "OpenAI's request. Each field is honoured (sampling, `n`, `stop`, `seed`, `logprobs`, "
+            "`response_format`, `tools`/`tool_choice`, vLLM's `top_k`/`min_p`/`repetition_penalty`, "
+            "`chat_template_kwargs.enable_thinking`), stored (`user`, `metadata`, `store`, `service_tier`) "
+            "or refused with 400 `unsupported_parameter` naming it (and any unknown field); a refused field "
+            "sent as null or with a value that changes nothing is accepted. The README's Parameters table "
+            "lists every field."
         ),
         request=OpenApiTypes.OBJECT,
         responses={200: OpenApiTypes.OBJECT, **errors(*SUBMITS, 404, 502, 504, 507, style="openai")},
@@ -77,12 +103,6 @@ class ChatCompletionsView(KeyedAPIView):
     def post(self, request):
         body = request.data  # an object of clean text and finite numbers (JSONObjectParser)
         refuse_unsupported(body)  # before anything is admitted: no quota, no Query row
-        if validation.number(body.get("n"), "n", int, 1, MAX_OPENAI_N, 1) != 1:
-            raise ApiError(
-                "unsupported_parameter",
-                "'n' greater than 1 is not supported yet; send n=1 (or leave it out).",
-                param="n",
-            )
         options = validation.obj(body.get("stream_options"), "stream_options") or {}
         for key in options:
             if key != "include_usage":
@@ -91,13 +111,14 @@ class ChatCompletionsView(KeyedAPIView):
                     f"'stream_options.{key[:64]}' is not supported; only include_usage is.",
                     param=f"stream_options.{key[:64]}",
                 )
+        decoding = parameters.decoding(body)
         extra = informational(body)
         chat = parse_messages(body.get("messages"))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         stream = validation.boolean(body.get("stream"), "stream")
         include_usage = validation.boolean(options.get("include_usage"), "stream_options.include_usage")
         include_usage = include_usage and stream
-        extra = {"messages": chat.messages, **extra}
+        extra = {"messages": chat.messages, **decoding, **extra}
         query = services.submit(
             request.auth,
             endpoint=Query.Endpoint.CHAT_COMPLETIONS,
@@ -105,11 +126,10 @@ class ChatCompletionsView(KeyedAPIView):
             model=body.get("model"),
             extra_params=extra,
             reserve_text=chat.all_text,
+            choices=decoding["n"],
             prompt=chat.prompt,
             image_bytes=chat.image_bytes,
             max_tokens=max_tokens,
-            temperature=body.get("temperature"),
-            top_p=body.get("top_p"),
         )
         if stream:
             response = StreamingHttpResponse(self._events(query, include_usage), content_type="text/event-stream")
@@ -126,11 +146,12 @@ class ChatCompletionsView(KeyedAPIView):
                     "model": done.model,
                     "choices": [
                         {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": done.answer},
-                            "finish_reason": _finish_reason(done.finish_reason),
-                            "logprobs": None,
+                            "index": choice["index"],
+                            "message": _message(choice),
+                            "finish_reason": _finish_reason(choice["finish_reason"]),
+                            "logprobs": _logprobs(choice.get("logprobs")),
                         }
+                        for choice in choices_of(done)
                     ],
                     "usage": services.usage(done),
                 }
@@ -146,28 +167,41 @@ class ChatCompletionsView(KeyedAPIView):
             "created": int(query.created_at.timestamp()),
             "model": query.model,
         }
+        n = int(query.params.get("n", 1))
 
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-        def chunk(delta: dict, finish_reason=None) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             return event({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
 
         ended = False
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            for index in range(n):
+                yield chunk(index, {"role": "assistant", "content": ""})
             async for message in services.follow(query):
                 kind = message["type"]
                 if kind == events.TOKEN:
-                    yield chunk({"content": message["text"]})
+                    for piece in message["pieces"]:
+                        delta = {}
+                        if piece["reasoning"]:
+                            delta["reasoning_content"] = piece["reasoning"]
+                        if piece["text"]:
+                            delta["content"] = piece["text"]
+                        if piece["tool_calls"]:
+                            delta["tool_calls"] = piece["tool_calls"]
+                        logprobs = _logprobs(piece["logprobs"]) if query.params.get("logprobs") else None
+                        if delta or logprobs:
+                            yield chunk(piece["choice"], delta, logprobs=logprobs)
                 elif kind in (events.DONE, services.FINISHED):
                     ended = True
                     finished = await services.afetch(query.pk)
                     if finished.status != Query.Status.SUCCEEDED:
                         yield event(error_body(services.error_of(finished), "openai"))
                     else:
-                        yield chunk({}, _finish_reason(finished.finish_reason))
+                        for choice in choices_of(finished):
+                            yield chunk(choice["index"], {}, _finish_reason(choice["finish_reason"]))
                         if include_usage:
                             yield event({**base, "choices": [], "usage": services.usage(finished)})
                 elif kind == events.ERROR:

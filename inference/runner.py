@@ -15,8 +15,8 @@ from django.conf import settings
 from django.utils import timezone
 from PIL import Image
 
-from inference import events
-from inference.engine import Completion, EngineError, GenerationParams
+from inference import events, selectors
+from inference.engine import Choice, Delta, EngineError, EngineRequest, Result, SamplingParams
 from inference.models import Query
 
 logger = logging.getLogger("sightline.runner")
@@ -81,12 +81,110 @@ def fail(
     return updated == 1
 
 
-def usage_of(completion: Completion) -> dict:
+def usage_of(result: Result) -> dict:
+    """OpenAI's usage object: the prompt counted once, the completion tokens of every choice."""
     return {
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.completion_tokens,
-        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "completion_tokens_details": {"reasoning_tokens": result.reasoning_tokens},
     }
+
+
+def engine_request(query: Query) -> EngineRequest:
+    """What the engine is asked, from the stored query: its conversation and images, and its params."""
+    messages, images = selectors.conversation_of(query)
+    pictures = []
+    for content in images:
+        with Image.open(io.BytesIO(content)) as stored:
+            pictures.append(stored.convert("RGB"))
+    params = query.params
+    sampling = SamplingParams(
+        max_new_tokens=int(params.get("max_tokens", settings.DEFAULT_MAX_TOKENS)),
+        temperature=params.get("temperature"),
+        top_p=params.get("top_p"),
+        top_k=params.get("top_k"),
+        min_p=params.get("min_p", 0.0),
+        repetition_penalty=params.get("repetition_penalty"),
+        presence_penalty=params.get("presence_penalty", 0.0),
+        frequency_penalty=params.get("frequency_penalty", 0.0),
+        seed=params.get("seed"),
+        stop=tuple(params.get("stop", ())),
+        n=int(params.get("n", 1)),
+        logprobs=bool(params.get("logprobs", False)),
+        top_logprobs=int(params.get("top_logprobs", 0)),
+        logit_bias=tuple((int(token), float(bias)) for token, bias in (params.get("logit_bias") or {}).items()),
+    )
+    return EngineRequest(
+        messages=messages,
+        images=pictures,
+        sampling=sampling,
+        tools=params.get("tools"),
+        tool_choice=params.get("tool_choice"),
+        response_format=params.get("response_format"),
+        enable_thinking=bool(params.get("enable_thinking", False)),
+    )
+
+
+def _choice_record(choice: Choice, *, parallel_tool_calls: bool) -> dict:
+    calls = choice.tool_calls if parallel_tool_calls else choice.tool_calls[:1]
+    return {
+        "index": choice.index,
+        "text": choice.text,
+        "reasoning": choice.reasoning,
+        "tool_calls": [call.as_openai() for call in calls],
+        "finish_reason": choice.finish_reason,
+        "completion_tokens": choice.completion_tokens,
+        "reasoning_tokens": choice.reasoning_tokens,
+        "logprobs": choice.logprobs,
+    }
+
+
+class _Stream:
+    """Coalesces a generation's deltas into at most one message per STREAM_COALESCE_SECONDS, in
+    order, one entry per choice and kind: ``{"choice", "text", "reasoning", "tool_calls", "logprobs"}``."""
+
+    def __init__(self, query_id, publisher: events.Publisher, *, parallel_tool_calls: bool):
+        self.query_id = query_id
+        self.publisher = publisher
+        self.parallel_tool_calls = parallel_tool_calls
+        self.pending: list[dict] = []
+        self.calls_sent: dict[int, int] = {}
+        self.last_flush = 0.0
+
+    def add(self, delta: Delta) -> None:
+        calls = []
+        for call in delta.tool_calls:
+            sent = self.calls_sent.get(delta.index, 0)
+            if sent and not self.parallel_tool_calls:
+                continue
+            calls.append(call.as_openai(index=sent))
+            self.calls_sent[delta.index] = sent + 1
+        last = self.pending[-1] if self.pending else None
+        if last is not None and last["choice"] == delta.index and not calls and not last["tool_calls"]:
+            last["text"] += delta.text
+            last["reasoning"] += delta.reasoning
+            last["logprobs"].extend(delta.logprobs)
+        else:
+            self.pending.append(
+                {
+                    "choice": delta.index,
+                    "text": delta.text,
+                    "reasoning": delta.reasoning,
+                    "tool_calls": calls,
+                    "logprobs": list(delta.logprobs),
+                }
+            )
+        if time.monotonic() - self.last_flush >= settings.STREAM_COALESCE_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.publisher.publish(
+                self.query_id, {"type": events.TOKEN, "query_id": str(self.query_id), "pieces": self.pending}
+            )
+            self.pending = []
+        self.last_flush = time.monotonic()
 
 
 def execute(
@@ -100,76 +198,69 @@ def execute(
     if not claim(query_id, worker):
         logger.info("query %s is not queued any more; not running it again", query_id)
         return None
-    query = Query.objects.select_related("image").get(pk=query_id)
+    query = Query.objects.get(pk=query_id)
     publisher.publish(query_id, {"type": events.STARTED, "query_id": str(query_id)})
-    params = GenerationParams(
-        max_new_tokens=int(query.params.get("max_tokens", settings.DEFAULT_MAX_TOKENS)),
-        temperature=float(query.params.get("temperature", 0.0)),
-        top_p=float(query.params.get("top_p", 1.0)),
-    )
-    pieces: list[str] = []
-    pending: list[str] = []
+    parallel = bool(query.params.get("parallel_tool_calls", True))
+    stream = _Stream(query_id, publisher, parallel_tool_calls=parallel)
+    texts: dict[int, list[str]] = {}
     first_token_at = None
-    last_flush = 0.0
-
-    def flush() -> None:
-        nonlocal last_flush
-        if pending:
-            publisher.publish(query_id, {"type": events.TOKEN, "query_id": str(query_id), "text": "".join(pending)})
-            pending.clear()
-        last_flush = time.monotonic()
 
     try:
-        with Image.open(io.BytesIO(bytes(query.image.content))) as stored:
-            image = stored.convert("RGB")
-        generation = engine.stream(
-            image, query.prompt, params, should_stop=should_stop, messages=query.params.get("messages")
-        )
+        generation = engine.stream(engine_request(query), should_stop=should_stop)
         for delta in generation:
             if first_token_at is None:
                 first_token_at = timezone.now()
-            pieces.append(delta)
-            pending.append(delta)
-            # Coalesce: at most one message per STREAM_COALESCE_SECONDS.
-            if time.monotonic() - last_flush >= settings.STREAM_COALESCE_SECONDS:
-                flush()
-        flush()
-        completion = generation.result
+            texts.setdefault(delta.index, []).append(delta.text)
+            stream.add(delta)
+        stream.flush()
+        result = generation.result
     except EngineError as exc:
-        flush()
+        stream.flush()
         fail(
-            query_id, exc.code, exc.message, answer="".join(pieces), first_token_at=first_token_at, publisher=publisher
+            query_id,
+            exc.code,
+            exc.message,
+            answer="".join(texts.get(0, [])),
+            first_token_at=first_token_at,
+            publisher=publisher,
         )
         return Query.Status.FAILED
     except Exception as exc:  # never leave a query running because of a bug
         logger.exception("query %s failed", query_id)
-        flush()
+        stream.flush()
         fail(query_id, "internal_error", f"Inference failed: {type(exc).__name__}", publisher=publisher)
         return Query.Status.FAILED
 
-    if completion.finish_reason == "cancelled":
+    choices = [_choice_record(choice, parallel_tool_calls=parallel) for choice in result.choices]
+    first = choices[0]
+    outcome = {
+        "answer": first["text"],
+        "reasoning": first["reasoning"],
+        "tool_calls": first["tool_calls"],
+        # Every choice (n > 1) and the logprobs are kept whole; a plain answer needs nothing more.
+        "choices": choices if len(choices) > 1 or query.params.get("logprobs") else [],
+        "finish_reason": first["finish_reason"],
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "reasoning_tokens": result.reasoning_tokens,
+    }
+    if first["finish_reason"] == "cancelled":
         fail(
             query_id,
             "cancelled",
             "The client cancelled the query.",
-            answer=completion.text,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            finish_reason="cancelled",
             first_token_at=first_token_at,
             publisher=publisher,
+            **outcome,
         )
         return Query.Status.FAILED
 
     finished_at = timezone.now()
     updated = Query.objects.filter(pk=query_id, status=Query.Status.RUNNING).update(
         status=Query.Status.SUCCEEDED,
-        answer=completion.text,
-        finish_reason=completion.finish_reason,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
         first_token_at=first_token_at or finished_at,
         finished_at=finished_at,
+        **outcome,
     )
     if not updated:  # ended meanwhile by someone else (the sweeper): their outcome stands
         return None
@@ -179,9 +270,12 @@ def execute(
         {
             "type": events.DONE,
             "query_id": str(query_id),
-            "result": completion.text,
-            "finish_reason": completion.finish_reason,
-            "usage": usage_of(completion),
+            "result": first["text"],
+            "reasoning": first["reasoning"],
+            "tool_calls": first["tool_calls"],
+            "choices": choices,
+            "finish_reason": first["finish_reason"],
+            "usage": usage_of(result),
             "cost_time": round((finished_at - query.created_at).total_seconds(), 3),
         },
     )

@@ -152,3 +152,11 @@ def top_keys(since, limit=10, tenant_id=None) -> list[dict]:
         .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
         .order_by("-requests")[:limit]
     )
+
+
+def conversation_of(query: Query) -> tuple[list, list[bytes]]:
+    """A query's conversation in the chat template's form and its normalised images, in order."""
+    messages = query.params.get("messages") or [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query.prompt}]}
+    ]
+    return messages, [bytes(query.image.content)]

@@ -4,10 +4,15 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 
+class CompletionDetailsSerializer(serializers.Serializer):
+    reasoning_tokens = serializers.IntegerField()
+
+
 class UsageSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     total_tokens = serializers.IntegerField()
+    completion_tokens_details = CompletionDetailsSerializer()
 
 
 class _InferParams(serializers.Serializer):
@@ -20,6 +25,9 @@ class _InferParams(serializers.Serializer):
         required=False, allow_null=True, min_value=0, max_value=2, help_text="0 = greedy (the default)"
     )
     top_p = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1, help_text="default 1")
+    enable_thinking = serializers.BooleanField(
+        required=False, allow_null=True, help_text="GLM thinks before answering (default false: faster)"
+    )
 
 
 class InferMultipartSerializer(_InferParams):
@@ -31,7 +39,8 @@ class InferJsonSerializer(_InferParams):
 
 
 class InferResultSerializer(serializers.Serializer):
-    result = serializers.CharField(help_text="The model's answer.")
+    result = serializers.CharField(help_text="The model's answer (its reasoning apart, box markers removed).")
+    reasoning = serializers.CharField(help_text="The model's thinking, when enable_thinking was true; else empty.")
     code = serializers.IntegerField(help_text="0 on success.")
     cost_time = serializers.FloatField(help_text="Seconds from acceptance to the answer.")
     query_id = serializers.UUIDField()

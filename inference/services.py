@@ -179,6 +179,7 @@ def submit(
     model: str | None = None,
     extra_params: dict | None = None,
     reserve_text: str | None = None,
+    choices: int = 1,
     **fields,
 ) -> Query:
     """The one admission path of every endpoint: model, quotas, input checks, then the committed row.
@@ -191,7 +192,8 @@ def submit(
     model = check_model(api_key, model)
     params = check_params(**fields)  # refused here, a request spends no quota
     prompt_text = reserve_text if reserve_text is not None else params.prompt
-    admission = quotas.admit(api_key, prompt=prompt_text, max_tokens=params.max_tokens)
+    # n choices may each write max_tokens: the reservation covers them all.
+    admission = quotas.admit(api_key, prompt=prompt_text, max_tokens=params.max_tokens * choices)
     try:
         data = _input(params, check_image_input(fields.get("image_bytes")))
         query = accept(
@@ -366,8 +368,10 @@ def error_of(query: Query) -> ApiError:
 
 
 def usage(query: Query) -> dict:
+    """OpenAI's usage object (the completion tokens of every choice; the reasoning among them)."""
     return {
         "prompt_tokens": query.prompt_tokens or 0,
         "completion_tokens": query.completion_tokens or 0,
         "total_tokens": query.total_tokens or 0,
+        "completion_tokens_details": {"reasoning_tokens": query.reasoning_tokens or 0},
     }

@@ -30,6 +30,17 @@ def _use_tiny_model(tiny_model_dir):
     os.environ["INFERENCE_MODEL"] = str(tiny_model_dir)  # for subprocesses (servers, workers)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _forced_outputs():
+    """The test-only forced outputs (tests/forcing.py), for this process and the stacks it starts."""
+    import json
+
+    from inference.engine import FORCE_TEST_OUTPUT_ENV
+    from tests.forcing import FORCED
+
+    os.environ[FORCE_TEST_OUTPUT_ENV] = json.dumps(FORCED)
+
+
 @pytest.fixture
 def tenant(db):
     from accounts import services

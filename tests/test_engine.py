@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from inference.engine import Engine, GenerationParams, ModelLoadError
+from inference.engine import Engine, EngineRequest, ModelLoadError, SamplingParams
 from tests.conftest import REPO
 
 
@@ -21,6 +21,12 @@ def engine(tiny_model_dir):
 @pytest.fixture
 def picture():
     return Image.new("RGB", (320, 200), (30, 120, 200))
+
+
+def ask(picture, prompt: str, **sampling) -> EngineRequest:
+    """One user turn: the picture, then the question."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return EngineRequest(messages=messages, images=[picture], sampling=SamplingParams(**sampling))
 
 
 def test_tiny_model_is_the_glm4v_architecture_and_small(tiny_model_dir):
@@ -46,23 +52,23 @@ def test_loads_through_the_auto_classes(engine):
 
 
 def test_stream_deltas_join_to_the_final_text(engine, picture):
-    generation = engine.stream(picture, "What is in this picture?", GenerationParams(max_new_tokens=24))
+    generation = engine.stream(ask(picture, "What is in this picture?", max_new_tokens=24))
     deltas = list(generation)
     result = generation.result
-    assert deltas and all(deltas)
-    assert "".join(deltas) == result.text
+    assert deltas and all(d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == result.choices[0].text
     assert result.prompt_tokens > 20  # the image tokens are part of the prompt
     assert result.completion_tokens == 24
-    assert result.finish_reason == "length"
+    assert result.choices[0].finish_reason == "length"
 
 
 def test_max_new_tokens_bounds_the_answer(engine, picture):
-    result = engine.generate(picture, "Describe it.", GenerationParams(max_new_tokens=4))
-    assert result.completion_tokens == 4 and result.text
+    result = engine.generate(ask(picture, "Describe it.", max_new_tokens=4))
+    assert result.completion_tokens == 4 and result.choices[0].text
 
 
 def test_sampling_runs(engine, picture):
-    result = engine.generate(picture, "Describe it.", GenerationParams(max_new_tokens=8, temperature=0.9, top_p=0.8))
+    result = engine.generate(ask(picture, "Describe it.", max_new_tokens=8, temperature=0.9, top_p=0.8))
     assert result.completion_tokens == 8
 
 
@@ -80,13 +86,13 @@ def test_should_stop_cancels_within_a_token(engine, picture):
         return stopped_after is not None
 
     deltas = []
-    generation = engine.stream(picture, "Describe it.", GenerationParams(max_new_tokens=500), should_stop=should_stop)
+    generation = engine.stream(ask(picture, "Describe it.", max_new_tokens=500), should_stop=should_stop)
     for delta in generation:
-        deltas.append(delta)
-    assert generation.result.finish_reason == "cancelled"
+        deltas.append(delta.text)
+    assert generation.result.choices[0].finish_reason == "cancelled"
     assert stopped_after is not None and generation.result.completion_tokens == stopped_after
     assert asked == stopped_after  # never asked again once it said stop
-    assert "".join(deltas) == generation.result.text
+    assert "".join(deltas) == generation.result.choices[0].text
 
 
 def test_missing_model_path_fails_with_its_name():

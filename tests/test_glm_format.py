@@ -295,9 +295,8 @@ SAMPLES = [
         "The user asks.",
         [],
     ),
-    ("The user asks.</think>\n\nIt is 42.", True, None, "It is 42.", "The user asks.", []),
     ("<think>still thinking", True, None, "", "still thinking", []),
-    ("no markers at all", True, None, "", "no markers at all", []),
+    ("no markers at all", True, None, "no markers at all", "", []),  # no <think>: all answer (vLLM's glm45)
     ("Plain answer, <b>html</b> & <thin air>.", False, None, "Plain answer, <b>html</b> & <thin air>.", "", []),
     ("<think></think>\nAnswer", False, None, "Answer", "", []),
     ("<think>r</think>a", False, None, "a", "r", []),

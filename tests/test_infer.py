@@ -30,7 +30,9 @@ def _assert_succeeded_row(body: dict) -> Query:
         "prompt_tokens": query.prompt_tokens,
         "completion_tokens": query.completion_tokens,
         "total_tokens": query.prompt_tokens + query.completion_tokens,
+        "completion_tokens_details": {"reasoning_tokens": 0},  # thinking is off by default here
     }
+    assert body["reasoning"] == query.reasoning == ""
     assert query.created_at <= query.started_at <= query.first_token_at <= query.finished_at
     assert query.error_code == ""
     return query
@@ -79,7 +81,7 @@ def test_sampling_parameters_are_used(authed_client, png_bytes):
         response = authed_client.post(URL, body, format="json")
         assert response.status_code == 200, response.content
         query = Query.objects.get(pk=response.json()["query_id"])
-        assert query.params == {"max_tokens": 48, "temperature": 0.0, "top_p": 1.0, **params}
+        assert query.params == {"max_tokens": 48, "temperature": 0.0, "top_p": 1.0, "enable_thinking": False, **params}
         assert query.completion_tokens == 48
         return response.json()["result"]
 

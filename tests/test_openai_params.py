@@ -26,28 +26,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A value for each refused field that would change the answer if it were honoured.
 REFUSED_VALUES = {
-    "stop": ["\n"],
-    "seed": 7,
-    "logprobs": True,
-    "top_logprobs": 3,
-    "response_format": {"type": "json_object"},
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "required",
-    "parallel_tool_calls": False,
     "functions": [{"name": "f", "parameters": {"type": "object"}}],
     "function_call": "auto",
-    "presence_penalty": 0.5,
-    "frequency_penalty": -0.5,
-    "logit_bias": {"50256": -100},
-    "top_k": 5,
-    "min_p": 0.1,
-    "repetition_penalty": 1.2,
-    "reasoning_effort": "none",
-    "chat_template_kwargs": {"enable_thinking": False},
     "prediction": {"type": "content", "content": "x"},
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "web_search_options": {},
+    "best_of": 2,
+    "use_beam_search": True,
+    "min_tokens": 5,
+    "ignore_eos": True,
+    "stop_token_ids": [3],
+    "chat_template": "{{ messages }}",
+    "guided_json": {"type": "object"},
+    "echo": True,
 }
 
 # Values a client sends by default that change nothing: accepted.
@@ -103,7 +95,7 @@ def _assert_unsupported(client, body: dict, param: str, url: str = CHAT) -> str:
 @pytest.mark.parametrize("field", sorted(REFUSED_VALUES))
 def test_a_refused_field_is_400_unsupported_parameter_naming_it(authed_client, field):
     message = _assert_unsupported(authed_client, _chat(**{field: REFUSED_VALUES[field]}), field)
-    assert f"'{field}'" in message and "not supported" in message
+    assert f"'{field}'" in message and ("not supported" in message or "deprecated" in message)
 
 
 def test_every_field_of_the_brief_is_refused_by_the_table():
@@ -116,10 +108,19 @@ def test_an_unknown_chat_field_is_refused(authed_client, field):
     assert "misspelt" in message
 
 
-def test_n_above_one_is_unsupported_and_a_bad_n_invalid(authed_client):
-    _assert_unsupported(authed_client, _chat(n=2), "n")
-    response = _post(authed_client, _chat(n=0))
-    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+def _assert_invalid(client, body: dict, param: str) -> str:
+    response = _post(client, body)
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == param, error
+    assert Query.objects.count() == 0
+    return error["message"]
+
+
+def test_n_outside_one_to_max_n_is_invalid(authed_client, settings):
+    settings.MAX_N = 4
+    assert "between 1 and 4" in _assert_invalid(authed_client, _chat(n=5), "n")
+    _assert_invalid(authed_client, _chat(n=0), "n")
 
 
 def test_unknown_stream_options_are_refused(authed_client):
@@ -134,9 +135,46 @@ def test_a_value_that_changes_nothing_is_accepted(authed_client, field, value):
     assert Query.objects.count() == 1
 
 
-def test_a_false_or_zero_of_the_wrong_kind_is_not_off(authed_client):
-    _assert_unsupported(authed_client, _chat(logprobs=0), "logprobs")
-    _assert_unsupported(authed_client, _chat(presence_penalty=False), "presence_penalty")
+def test_a_false_or_zero_of_the_wrong_kind_is_refused(authed_client):
+    _assert_invalid(authed_client, _chat(logprobs=0), "logprobs")
+    _assert_invalid(authed_client, _chat(presence_penalty=False), "presence_penalty")
+
+
+BAD_VALUES = [
+    ("stop", ["a", "b", "c", "d", "e"], "stop", "at most 4"),
+    ("stop", 5, "stop", "string"),
+    ("top_logprobs", 21, "top_logprobs", "between 0 and 20"),
+    ("top_logprobs", 2, "top_logprobs", "logprobs"),
+    ("seed", 1.5, "seed", "whole number"),
+    ("top_k", -2, "top_k", "between"),
+    ("tool_choice", "required", "tool_choice", "no 'tools'"),
+    ("tools", [{"type": "function", "function": {"name": "bad name!"}}], "tools[0].function.name", "letters"),
+    ("response_format", {"type": "xml"}, "response_format", "json_schema"),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": {}}}, "response_format", "'name'"),
+    (
+        "response_format",
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}},
+        "response_format",
+        "frob",
+    ),
+    ("reasoning_effort", "extreme", "reasoning_effort", "one of"),
+    ("logit_bias", {"abc": 1}, "logit_bias", "token ids"),
+]
+
+
+@pytest.mark.parametrize("field, value, param, says", BAD_VALUES, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_VALUES)])
+def test_a_bad_value_of_an_honoured_field_is_400_naming_it(authed_client, field, value, param, says):
+    assert says in _assert_invalid(authed_client, _chat(**{field: value}), param)
+
+
+def test_a_tool_choice_naming_an_unknown_function_is_refused(authed_client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = _chat(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}})
+    assert "'g'" in _assert_invalid(authed_client, body, "tool_choice")
+
+
+def test_chat_template_kwargs_other_than_enable_thinking_are_refused(authed_client):
+    _assert_unsupported(authed_client, _chat(chat_template_kwargs={"foo": 1}), "chat_template_kwargs.foo")
 
 
 def test_informational_fields_are_stored(authed_client):

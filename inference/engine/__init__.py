@@ -7,21 +7,26 @@ they are imported when a model is loaded.
 """
 
 from inference.engine.core import (
+    FORCE_TEST_OUTPUT_ENV,
     OOM_TEST_MARKER_ENV,
-    Completion,
     Engine,
     EngineError,
     Generation,
-    GenerationParams,
     ModelLoadError,
 )
+from inference.engine.request import Choice, Delta, EngineRequest, Result, SamplingParams, ToolCall
 
 __all__ = [
+    "FORCE_TEST_OUTPUT_ENV",
     "OOM_TEST_MARKER_ENV",
-    "Completion",
+    "Choice",
+    "Delta",
     "Engine",
     "EngineError",
+    "EngineRequest",
     "Generation",
-    "GenerationParams",
     "ModelLoadError",
+    "Result",
+    "SamplingParams",
+    "ToolCall",
 ]

@@ -12,9 +12,10 @@ answers in ``<|begin_of_box|>…<|end_of_box|>``, and, given tools, calls them a
 ``OutputParser`` turns that text, fed piece by piece as it is decoded, into ``Delta`` s of what has
 become certain, reading it as vLLM's ``glm45`` reasoning and tool parsers do:
 
-- with thinking on, everything before ``</think>`` is reasoning (a leading ``<think>`` is dropped, and
-  so is the reasoning of an output that never closes it: all of it is reasoning); with thinking off,
-  everything is answer, except a ``<think>…</think>`` block the model writes anyway;
+- reasoning is the text between ``<think>`` and ``</think>`` (an output that never closes it is all
+  reasoning from its ``<think>`` on), whatever ``thinking`` says: GLM-4.6V opens the block itself when
+  it thinks (its template's prompt ends at ``<|assistant|>``), and an output without ``<think>`` is all
+  answer, as vLLM's glm45 reasoning parser reads it (a stray ``</think>`` is dropped);
 - box markers are removed (they never reach the client);
 - with tools given, each complete ``<tool_call>…</tool_call>`` becomes a ``ToolCall``: a value stays a
   string where the tool's JSON schema says the parameter is a string, else it is read as JSON, falling
@@ -59,7 +60,8 @@ class OutputParser:
         self.reasoning = ""
         self.tool_calls: list[ToolCall] = []
         self._schemas = _parameter_schemas(tools) if tools else None  # tool name -> its parameters' schemas
-        self._reasoning = thinking  # which channel text goes to now
+        self._reasoning = False  # which channel text goes to now (see the module's docstring)
+        self.thinking = thinking
         self._pending = ""  # text not yet decided: it may be the start of a marker
         self._call: str | None = None  # the body of an open tool call, until its </tool_call>
         self._call_space = ""  # the whitespace before an open tool call: it stays if the call fails
