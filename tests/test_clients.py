@@ -80,7 +80,12 @@ def test_sdk_responses_plain_and_streamed(base_url, key):
     assert query.endpoint == Query.Endpoint.RESPONSES and query.answer == response.output_text
     events = list(
         client.responses.create(
-            model=MODEL, input=[{"role": "user", "content": content}], max_output_tokens=8, temperature=0, stream=True
+            model=MODEL,
+            instructions="Answer briefly.",
+            input=[{"role": "user", "content": content}],
+            max_output_tokens=8,
+            temperature=0,
+            stream=True,
         )
     )
     kinds = [e.type for e in events]

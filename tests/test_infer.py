@@ -52,7 +52,7 @@ def test_multipart_request_succeeds_and_writes_one_row(authed_client, api_key, p
     assert query.api_key_id == api_key[0].pk and query.tenant_id == api_key[0].tenant_id
     assert query.image_width == 64 and query.image_height == 48 and query.image_format == "PNG"
     assert query.image_bytes == len(png_bytes)
-    assert query.params == {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0}
+    assert query.params == {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "enable_thinking": False}
     assert query.image.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
