@@ -1,4 +1,5 @@
-"""The Celery app. Workers: ``celery -A config worker -Q <model queue> --pool solo`` (one per GPU)."""
+"""The Celery app. Workers: ``celery -A config worker -Q <model queue>`` (one per GPU; a thread pool
+of INFERENCE_MAX_BATCH, from settings)."""
 
 import os
 

@@ -161,12 +161,23 @@ else:
 # Celery (production): one queue per model, reliability as in DESIGN.md.
 INFERENCE_SOFT_TIME_LIMIT = env_int("INFERENCE_SOFT_TIME_LIMIT", 300)
 INFERENCE_HARD_TIME_LIMIT = env_int("INFERENCE_HARD_TIME_LIMIT", 330)
+# Batching (inference/engine/batching.py): a worker decodes up to INFERENCE_MAX_BATCH queries
+# together, waiting at most INFERENCE_BATCH_WAIT_MS for company, and at most
+# INFERENCE_MAX_BATCH_TOKENS tokens of prompt and answer in one batch (GPU memory).
+INFERENCE_MAX_BATCH = env_int("INFERENCE_MAX_BATCH", 16)
+INFERENCE_BATCH_WAIT_MS = env_float("INFERENCE_BATCH_WAIT_MS", 5.0)
+INFERENCE_MAX_BATCH_TOKENS = env_int("INFERENCE_MAX_BATCH_TOKENS", 65536)
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_IGNORE_RESULT = True  # the Query row is the record, not a result backend
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A worker holds a batch's worth of queries at once: one thread per query, all feeding the one
+# engine thread (the batch scheduler). acks_late: a query is acknowledged only when it has ended,
+# so a worker killed mid-batch leaves every query of the batch to be delivered again.
+CELERY_WORKER_POOL = "threads"
+CELERY_WORKER_CONCURRENCY = INFERENCE_MAX_BATCH
 CELERY_TASK_SOFT_TIME_LIMIT = INFERENCE_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = INFERENCE_HARD_TIME_LIMIT
 CELERY_BROKER_TRANSPORT_OPTIONS = {

@@ -18,10 +18,11 @@ logger = logging.getLogger("sightline.dispatch")
 
 
 class ThreadDispatcher:
-    """The embedded default: one background thread of the web process owns the model.
+    """The embedded default: background threads of the web process own the model.
 
-    The thread loads the model once, then runs queries one at a time from an in-process queue
-    (generation is not done inside a request's event loop, and the model is never reloaded).
+    The first thread loads the model once; then INFERENCE_MAX_BATCH threads take queries from an
+    in-process queue, each running one, all feeding the engine's batch scheduler as a Celery worker
+    does (generation is not done inside a request's event loop, and the model is never reloaded).
     """
 
     def __init__(self, model_id: str | None = None, recover_on_start: bool = True):
@@ -63,12 +64,15 @@ class ThreadDispatcher:
         return self._loaded.wait(timeout)
 
     def status(self) -> dict:
+        from inference import workers
+
         return {
             "mode": "embedded",
             "model": self.model_id,
             "model_loaded": self.engine is not None,
             "model_error": self.load_error,
             "queue_depth": self._queue.qsize(),
+            "batching": [{"worker": self.worker_name, **workers.batch_info(self.engine)}],
         }
 
     def _load(self) -> None:
@@ -105,7 +109,7 @@ class ThreadDispatcher:
             self._queue.put(query_id)
 
     def _run(self) -> None:
-        from inference import events, runner
+        from inference import events
 
         self._load()
         publisher = events.Publisher()
@@ -116,6 +120,21 @@ class ThreadDispatcher:
                 logger.exception("could not recover queries left by a previous run")
             finally:
                 close_old_connections()  # the thread may wait long for work: hold no connection meanwhile
+        if self.engine is not None:
+            self.engine.enable_batching(
+                max_batch=settings.INFERENCE_MAX_BATCH,
+                wait_ms=settings.INFERENCE_BATCH_WAIT_MS,
+                max_tokens=settings.INFERENCE_MAX_BATCH_TOKENS,
+            )
+        for number in range(1, max(1, settings.INFERENCE_MAX_BATCH)):
+            threading.Thread(
+                target=self._serve, args=(publisher,), name=f"sightline-worker-{number}", daemon=True
+            ).start()
+        self._serve(publisher)
+
+    def _serve(self, publisher) -> None:
+        from inference import runner
+
         while True:
             query_id = self._queue.get()
             close_old_connections()

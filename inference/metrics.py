@@ -16,6 +16,8 @@ answers for all of them, and a restart loses nothing:
   that succeeded in the last ``METRICS_WINDOW_SECONDS`` (300): time queued, to the first token,
   and in all.
 * ``sightline_workers{queue}`` — live workers with the model loaded (1 for the embedded thread).
+* ``sightline_worker_batch_rows{worker}``, ``sightline_worker_max_batch_rows{worker}`` and
+  ``sightline_worker_tokens_per_second{worker}`` — each worker's batching, from its heartbeat.
 """
 
 import itertools
@@ -53,6 +55,25 @@ class SightlineCollector:
         workers = GaugeMetricFamily("sightline_workers", "Live workers with the model loaded", labels=["queue"])
         workers.add_metric([status.get("queue", "embedded")], status.get("workers", 1) if status["model_loaded"] else 0)
         yield workers
+        yield from self._batching(status.get("batching", []))
+
+    def _batching(self, batching: list[dict]):
+        """Per worker, from its heartbeat: the batch it decodes now, its largest, its tokens/s."""
+        families = {
+            "batch_rows": GaugeMetricFamily(
+                "sightline_worker_batch_rows", "Sequences in the batch a worker decodes now", labels=["worker"]
+            ),
+            "max_batch_rows": GaugeMetricFamily(
+                "sightline_worker_max_batch_rows", "The largest batch a worker has decoded", labels=["worker"]
+            ),
+            "tokens_per_second": GaugeMetricFamily(
+                "sightline_worker_tokens_per_second", "Tokens per second of a worker's last batch", labels=["worker"]
+            ),
+        }
+        for worker in batching:
+            for key, family in families.items():
+                family.add_metric([str(worker.get("worker", "?"))], float(worker.get(key) or 0))
+        yield from families.values()
 
     def _usage(self):
         label = ["tenant"] if self.per_tenant else []

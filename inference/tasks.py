@@ -1,7 +1,9 @@
 """Celery: the task that runs a query, the worker's start-up (the model is loaded once, before any
 work is taken), and the dispatcher the web tier uses when ``REDIS_URL`` is set.
 
-Start a worker per GPU:  ``celery -A config worker -Q infer.glm-4.6v-flash --pool solo``.
+Start a worker per GPU:  ``celery -A config worker -Q infer.glm-4.6v-flash``: a pool of
+INFERENCE_MAX_BATCH threads (settings), each running one query, all feeding the one engine thread
+that decodes them in batches (inference/engine/batching.py).
 """
 
 import logging
@@ -25,7 +27,8 @@ class _WorkerState:
     engine = None
     name = ""
     started = 0.0
-    current_query: str | None = None
+    current_queries: set[str] = set()
+    lock = threading.Lock()
     heartbeat: workers.HeartbeatThread | None = None
     publisher: events.Publisher | None = None
 
@@ -43,7 +46,8 @@ def _heartbeat_info() -> dict:
         "device": getattr(state.engine, "device", None),
         "pid": os.getpid(),
         "started": state.started,
-        "current_query": state.current_query,
+        "current_queries": sorted(state.current_queries),
+        **workers.batch_info(state.engine),
     }
 
 
@@ -67,6 +71,11 @@ def load_model_on_start(sender=None, **kwargs):
         state.engine.device,
         settings.INFERENCE_QUEUE,
     )
+    state.engine.enable_batching(
+        max_batch=settings.INFERENCE_MAX_BATCH,
+        wait_ms=settings.INFERENCE_BATCH_WAIT_MS,
+        max_tokens=settings.INFERENCE_MAX_BATCH_TOKENS,
+    )
     state.publisher = events.Publisher()
     state.heartbeat = workers.HeartbeatThread(state.name, _heartbeat_info, publisher=state.publisher)
     state.heartbeat.start()
@@ -84,7 +93,8 @@ def run_query(query_id: str) -> str | None:
     if state.engine is None:  # only in a process that skipped worker start-up
         raise RuntimeError("this process has no model loaded")
     close_old_connections()
-    state.current_query = query_id
+    with state.lock:
+        state.current_queries.add(query_id)
     try:
         return runner.execute(
             query_id,
@@ -94,7 +104,8 @@ def run_query(query_id: str) -> str | None:
             should_stop=workers.cancel_checker(query_id),
         )
     finally:
-        state.current_query = None
+        with state.lock:
+            state.current_queries.discard(query_id)
         close_old_connections()
 
 
@@ -134,4 +145,11 @@ class CeleryDispatcher:
             "model_loaded": any(w.get("model_loaded") for w in live),
             "workers": len(live),
             "queue": self.queue,
+            "batching": [
+                {
+                    "worker": w.get("name", "?"),
+                    **{k: w.get(k, 0) for k in ("batch_rows", "max_batch_rows", "tokens_per_second")},
+                }
+                for w in live
+            ],
         }

@@ -302,7 +302,7 @@ class HeartbeatThread(threading.Thread):
                     sweep_with_lock(
                         self.publisher,
                         own=self.worker_name,
-                        running=[payload.get("current_query")],
+                        running=payload.get("current_queries", []),
                         judge_lost=now - reachable_since >= settings.WORKER_HEARTBEAT_TTL,
                     )
                 except Exception:
@@ -317,3 +317,16 @@ class HeartbeatThread(threading.Thread):
             forget(self.worker_name)
         except redis.RedisError:
             pass
+
+
+def batch_info(engine) -> dict:
+    """What a worker's batch scheduler is doing, for its heartbeat and /metrics: the rows of the
+    batch decoding now, the largest batch so far, and the tokens/s of the last batch."""
+    scheduler = getattr(engine, "scheduler", None)
+    if scheduler is None:
+        return {"batch_rows": 0, "max_batch_rows": 0, "tokens_per_second": 0.0}
+    return {
+        "batch_rows": scheduler.batch_rows,
+        "max_batch_rows": scheduler.max_batch_rows,
+        "tokens_per_second": scheduler.tokens_per_second,
+    }

@@ -1,5 +1,5 @@
 """The production stack for tests, as real processes: Uvicorn serving config.asgi (`manage.py serve`), and Celery
-workers (`celery -A config worker --pool solo`), on the test PostgreSQL database and a Redis
+workers (`celery -A config worker`: threads feeding a batch scheduler), on the test PostgreSQL database and a Redis
 database of their own. The model is the tiny random one (its answers are noise)."""
 
 import json
@@ -106,8 +106,6 @@ class Stack:
             "worker",
             "-Q",
             self.queue,
-            "--pool",
-            "solo",
             "-n",
             f"{name}-{self.tag}@%h",
             "--without-gossip",

@@ -79,7 +79,7 @@ def test_the_embedded_default_and_debug_run_on_the_development_key():
 def test_a_worker_refuses_to_start_without_a_secret_key():
     redis_url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     argv = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", f"infer.nokey-{uuid.uuid4().hex[:6]}"]
-    argv += ["--pool", "solo", "--without-gossip", "--without-mingle", "-n", f"nokey-{uuid.uuid4().hex[:6]}@%h"]
+    argv += ["--without-gossip", "--without-mingle", "-n", f"nokey-{uuid.uuid4().hex[:6]}@%h"]
     # Bounded: without the check the worker would start and serve (the timeout then fails the test).
     result = subprocess.run(
         argv, cwd=REPO, env={**BASE_ENV, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=60

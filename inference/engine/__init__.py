@@ -11,7 +11,6 @@ from inference.engine.core import (
     OOM_TEST_MARKER_ENV,
     Engine,
     EngineError,
-    Generation,
     ModelLoadError,
 )
 from inference.engine.request import Choice, Delta, EngineRequest, Result, SamplingParams, ToolCall
@@ -24,7 +23,6 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineRequest",
-    "Generation",
     "ModelLoadError",
     "Result",
     "SamplingParams",

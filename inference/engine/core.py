@@ -9,11 +9,12 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from inference.engine.output import OutputParser, template_messages
-from inference.engine.request import Delta, EngineRequest, Result
+from inference.engine.request import EngineRequest, Result
 
 logger = logging.getLogger("sightline.engine")
 
@@ -80,68 +81,19 @@ def conversation_text(messages: list) -> str:
     return "\n".join(texts)
 
 
-_DONE = object()
+@dataclass
+class Prepared:
+    """A conversation encoded for the model (on the CPU), with what decoding it needs."""
+
+    inputs: dict  # input_ids, attention_mask (1 x L), pixel_values and image_grid_thw when images
+    prompt_tokens: int
+    forced_ids: list[int] | None
+    grammar: str | None
+    inject_oom: bool
 
 
-class Generation:
-    """An answer being generated. Iterate for the ``Delta`` pieces of every choice; afterwards
-    ``result`` is the ``Result``. The pieces of a choice joined equal its text, reasoning and tool
-    calls. An error in generation is raised from the iteration as ``EngineError``."""
-
-    def __init__(self, engine: "Engine", inputs, rows, sampler, steps, max_new_tokens: int, *, inject_oom=False):
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        self.result: Result | None = None
-        self._engine = engine
-        self._rows = rows
-        self._steps = steps
-        self._out = rows[0].out
-        self._prompt_tokens = int(inputs["input_ids"].shape[1])
-        self._error: BaseException | None = None
-        self._inject_oom = inject_oom
-        kwargs = dict(inputs)
-        kwargs.update(
-            max_new_tokens=max_new_tokens,
-            logits_processor=LogitsProcessorList([sampler]),
-            stopping_criteria=StoppingCriteriaList([steps]),
-            # The Sampler has chosen each token already; generate's greedy step only reads it off.
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            min_p=None,
-            repetition_penalty=None,
-            num_beams=1,
-        )
-        self._thread = threading.Thread(target=self._generate, args=(kwargs,), name="sightline-generate", daemon=True)
-        self._thread.start()
-
-    def _generate(self, kwargs) -> None:
-        import torch
-
-        hook = self._engine.model.register_forward_pre_hook(_raise_oom) if self._inject_oom else None
-        try:
-            with torch.inference_mode():
-                self._engine.model.generate(**kwargs)
-            for row in self._rows:
-                row.finish("cancelled" if self._steps.cancelled else "length")
-        except BaseException as exc:  # reported from the iterating thread
-            self._error = exc
-        finally:
-            if hook is not None:
-                hook.remove()
-            self._out.put(_DONE)
-
-    def __iter__(self) -> Iterator[Delta]:
-        while True:
-            item = self._out.get()
-            if item is _DONE:
-                break
-            yield item
-        self._thread.join()
-        if self._error is not None:
-            raise self._engine.translate_error(self._error)
-        self.result = Result(choices=[row.choice() for row in self._rows], prompt_tokens=self._prompt_tokens)
+# Inputs flattened over images (concatenated in row order when batched), not one row per sequence.
+_FLAT_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 class Engine:
@@ -158,6 +110,8 @@ class Engine:
         # The model's generation_config values for what a request leaves out (as vLLM does).
         self.sampling_defaults: dict = {}
         self._ll_tokenizer = None  # llguidance's view of the tokenizer, made on first use
+        self.scheduler = None  # set by enable_batching (workers)
+        self.pad_token_id = 0
 
     @property
     def loaded(self) -> bool:
@@ -205,6 +159,8 @@ class Engine:
         eos = config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        pad = config.pad_token_id
+        self.pad_token_id = pad if isinstance(pad, int) else min(self.eos_token_ids)
         # vLLM takes these from generation_config whatever its do_sample says; so do we.
         # Only what the model's generation_config.json sets: transformers' own defaults (top_k 50)
         # are not the model's advice.
@@ -242,22 +198,6 @@ class Engine:
         )
         return inputs
 
-    @staticmethod
-    def _expanded(inputs, n: int):
-        """The inputs of one conversation repeated for n choices decoded together: per-sequence
-        tensors get n rows; the images' patches and grids (flattened over images) n copies."""
-        if n == 1:
-            return dict(inputs)
-        import torch
-
-        expanded = {}
-        for key, value in inputs.items():
-            if key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-                expanded[key] = torch.cat([value] * n, dim=0)
-            else:
-                expanded[key] = value.repeat(n, *([1] * (value.dim() - 1)))
-        return expanded
-
     def _matcher(self, grammar: str | None):
         if grammar is None:
             return None
@@ -274,64 +214,155 @@ class Engine:
             raise EngineError("invalid_request", f"The output constraint could not be compiled: {matcher.get_error()}")
         return matcher
 
-    def stream(self, request: EngineRequest, should_stop: Callable[[], bool] | None = None) -> Generation:
-        """Start generating ``request.sampling.n`` choices of one conversation, together."""
+    def enable_batching(self, *, max_batch: int, wait_ms: float, max_tokens: int) -> None:
+        """From now on ``stream`` goes through a scheduler that decodes queries together (a worker's)."""
+        from inference.engine.batching import Scheduler
+
+        self.scheduler = Scheduler(self, max_batch=max_batch, wait_seconds=wait_ms / 1000, max_tokens=max_tokens)
+
+    def stream(self, request: EngineRequest, should_stop: Callable[[], bool] | None = None):
+        """Start generating ``request.sampling.n`` choices of one conversation: with batching on, in
+        the scheduler's next batch; else alone, in a thread of its own. Returns a ``Generation``."""
+        from inference.engine.batching import Generation, run_batch
+
         if not self.loaded:
             raise EngineError("model_unavailable", f"The model '{self.model_id}' is not loaded.")
-        try:
-            return self._start(request, should_stop)
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise self.translate_error(exc) from exc
-
-    def _start(self, request: EngineRequest, should_stop) -> Generation:
-        import queue
-
-        from inference.engine import constraints, decoding
-
-        sampling = request.sampling
-        inputs = self._expanded(self._inputs(request).to(self.device), sampling.n)
-        text = conversation_text(request.messages)
-        forced = decoding.forced_output(text)
-        forced_ids = self.processor.tokenizer.encode(forced, add_special_tokens=False) if forced is not None else None
-        grammar = constraints.grammar_for(
-            response_format=request.response_format, tools=request.tools, tool_choice=request.tool_choice
-        )
-        tokenizer = self.processor.tokenizer
-        think_ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
-        think_ids = tuple(i if isinstance(i, int) and i != tokenizer.unk_token_id else None for i in think_ids)
-        out: queue.Queue = queue.Queue()
-        prompt_ids = inputs["input_ids"][0].tolist()
-        tools = request.tools if request.tool_choice != "none" else None
-        rows = [
-            decoding.Row(
-                index=index,
-                sampling=sampling,
-                defaults=self.sampling_defaults,
-                tokenizer=tokenizer,
-                vocab_size=self.vocab_size,
-                eos_ids=self.eos_token_ids,
-                prompt_ids=prompt_ids,
-                matcher=self._matcher(grammar),
-                forced=forced_ids,
-                parser=OutputParser(thinking=request.enable_thinking, tools=tools),
-                think_ids=think_ids,
-                out=out,
-            )
-            for index in range(sampling.n)
-        ]
-        pad = self.model.generation_config.pad_token_id
-        pad = pad if isinstance(pad, int) else min(self.eos_token_ids)
-        sampler = decoding.Sampler(rows, pad)
-        steps = decoding.Steps(rows, should_stop)
-        return Generation(self, inputs, rows, sampler, steps, sampling.max_new_tokens, inject_oom=_oom_injected(text))
+        generation = Generation(self, request, should_stop)
+        if self.scheduler is not None:
+            return self.scheduler.submit(generation)
+        threading.Thread(target=run_batch, args=(self, [generation]), name="sightline-generate", daemon=True).start()
+        return generation
 
     def generate(self, request: EngineRequest, should_stop=None) -> Result:
         generation = self.stream(request, should_stop)
         for _ in generation:
             pass
         return generation.result
+
+    def generate_batch(self, requests: list[EngineRequest]) -> list[Result]:
+        """Decode these requests together in this thread, bypassing the scheduler (benchmarks)."""
+        from inference.engine.batching import Generation, run_batch
+
+        generations = [Generation(self, request) for request in requests]
+        run_batch(self, generations)
+        results = []
+        for generation in generations:
+            for _ in generation:
+                pass
+            results.append(generation.result)
+        return results
+
+    def prepare(self, request: EngineRequest) -> Prepared:
+        """Encode a conversation (template, images, tokens) and compile its grammar; CPU only."""
+        from inference.engine import constraints, decoding
+
+        inputs = dict(self._inputs(request))
+        forced = decoding.forced_output(conversation_text(request.messages))
+        tokenizer = self.processor.tokenizer
+        return Prepared(
+            inputs=inputs,
+            prompt_tokens=int(inputs["input_ids"].shape[1]),
+            forced_ids=tokenizer.encode(forced, add_special_tokens=False) if forced is not None else None,
+            grammar=constraints.grammar_for(
+                response_format=request.response_format, tools=request.tools, tool_choice=request.tool_choice
+            ),
+            inject_oom=_oom_injected(conversation_text(request.messages)),
+        )
+
+    def _collate(self, rows_inputs: list[dict]) -> dict:
+        """One batch of rows, left-padded (GLM's rope positions follow the attention mask)."""
+        import torch
+
+        longest = max(int(inputs["input_ids"].shape[1]) for inputs in rows_inputs)
+        batch: dict[str, list] = {}
+        for inputs in rows_inputs:
+            pad = longest - int(inputs["input_ids"].shape[1])
+            for key, value in inputs.items():
+                if key in _FLAT_INPUTS:
+                    batch.setdefault(key, []).append(value)
+                    continue
+                fill = self.pad_token_id if key == "input_ids" else 0
+                padding = torch.full((1, pad), fill, dtype=value.dtype)
+                batch.setdefault(key, []).append(torch.cat([padding, value], dim=1))
+        return {key: torch.cat(values, dim=0).to(self.device) for key, values in batch.items()}
+
+    def decode(self, prepared: list[Prepared], generations: list) -> list[Result]:
+        """Decode prepared conversations together (every choice a row); pieces go to each
+        generation as they come. Runs in the calling thread."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from inference.engine import decoding
+
+        tokenizer = self.processor.tokenizer
+        think_ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
+        think_ids = tuple(i if isinstance(i, int) and i != tokenizer.unk_token_id else None for i in think_ids)
+        rows, rows_inputs, groups = [], [], []
+        for item, generation in zip(prepared, generations, strict=True):
+            request = generation.request
+            tools = request.tools if request.tool_choice != "none" else None
+            prompt_ids = item.inputs["input_ids"][0].tolist()
+            own = [
+                decoding.Row(
+                    index=index,
+                    sampling=request.sampling,
+                    defaults=self.sampling_defaults,
+                    tokenizer=tokenizer,
+                    vocab_size=self.vocab_size,
+                    eos_ids=self.eos_token_ids,
+                    prompt_ids=prompt_ids,
+                    matcher=self._matcher(item.grammar),
+                    forced=item.forced_ids,
+                    parser=OutputParser(thinking=request.enable_thinking, tools=tools),
+                    think_ids=think_ids,
+                    out=generation,
+                )
+                for index in range(request.sampling.n)
+            ]
+            rows.extend(own)
+            rows_inputs.extend([item.inputs] * request.sampling.n)
+            groups.append((own, generation.should_stop))
+        inputs = self._collate(rows_inputs)
+        steps = decoding.Steps(rows, groups)
+        hook = self.model.register_forward_pre_hook(_raise_oom) if any(p.inject_oom for p in prepared) else None
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    **inputs,
+                    max_new_tokens=max(g.request.sampling.max_new_tokens for g in generations),
+                    logits_processor=LogitsProcessorList([decoding.Sampler(rows, self.pad_token_id)]),
+                    stopping_criteria=StoppingCriteriaList([steps]),
+                    # The Sampler has chosen each token already; generate's greedy step only reads it off.
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    min_p=None,
+                    repetition_penalty=None,
+                    num_beams=1,
+                    pad_token_id=self.pad_token_id,
+                )
+        finally:
+            if hook is not None:
+                hook.remove()
+        results, start = [], 0
+        for item, generation in zip(prepared, generations, strict=True):
+            own = rows[start : start + generation.request.sampling.n]
+            start += len(own)
+            for row in own:
+                row.finish("length")  # a row still open ran to the batch's end: its own max_tokens
+            results.append(Result(choices=[row.choice() for row in own], prompt_tokens=item.prompt_tokens))
+        return results
+
+    @staticmethod
+    def is_oom(exc: BaseException) -> bool:
+        return _is_oom(exc)
+
+    def free_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def translate_error(self, exc: BaseException) -> EngineError:
         """A CUDA out-of-memory becomes ``gpu_oom`` (and the cache is freed); anything else ``internal_error``."""

@@ -17,7 +17,6 @@ positions, padding of finished rows — and we take the two decisions that are o
 
 import math
 import os
-import queue
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -63,7 +62,7 @@ class Row:
         forced: list[int] | None = None,
         parser: OutputParser,
         think_ids: tuple[int | None, int | None],
-        out: queue.Queue,
+        out,  # where its pieces go: the query's Generation (anything with put(delta))
     ):
         self.index = index
         self.tokenizer = tokenizer
@@ -301,20 +300,20 @@ class Sampler(LogitsProcessor):
 
 
 class Steps(StoppingCriteria):
-    """After each token: every row takes its token; a row that ended stops (the others go on)."""
+    """After each token: every row takes its token; a row that ended stops (the others go on).
+    ``groups``: each query's rows and its ``should_stop``, asked once per step while it runs."""
 
-    def __init__(self, rows: list[Row], should_stop: Callable[[], bool] | None):
+    def __init__(self, rows: list[Row], groups: list[tuple[list[Row], Callable[[], bool] | None]]):
         self.rows = rows
-        self.should_stop = should_stop
-        self.cancelled = False
+        self.groups = groups
 
     def __call__(self, input_ids, scores, **kwargs):
         last = input_ids[:, -1].tolist()
         for b, row in enumerate(self.rows):
             row.accept(int(last[b]))
-        # Asked once per step, after the step's token is taken: that token is the last one.
-        if not all(row.finished for row in self.rows) and self.should_stop is not None and self.should_stop():
-            self.cancelled = True
-            for row in self.rows:
-                row.finish("cancelled")
+        # Asked after the step's token is taken: that token is the query's last one.
+        for own, should_stop in self.groups:
+            if should_stop is not None and not all(row.finished for row in own) and should_stop():
+                for row in own:
+                    row.finish("cancelled")
         return torch.tensor([row.finished for row in self.rows], dtype=torch.bool, device=input_ids.device)
