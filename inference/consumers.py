@@ -3,7 +3,8 @@ are the same services the REST API uses; this class only speaks the frames.
 
 Client frames: ``{"type": "auth", "api_key": ...}`` (first, within WS_AUTH_TIMEOUT_SECONDS, unless
 a header or the dashboard session authenticated),
-``{"type": "infer", "prompt", "image" (base64 or data URI), "max_tokens"?, "temperature"?, "top_p"?}``,
+``{"type": "infer", "prompt", "image"? (base64 or a data URI, or a list of them), "max_tokens"?, "temperature"?,
+"top_p"?}`` or ``{"type": "infer", "messages" (OpenAI's chat form), ...}``,
 ``{"type": "cancel"}``. Server frames: ``ready``, ``queued`` (with ``query_id``), ``token`` (``text``),
 ``done`` (``result``, ``usage``, ``cost_time``, ``finish_reason``) or ``error`` (``code``, ``message``,
 ``param``?).
@@ -30,8 +31,7 @@ from django.conf import settings
 from accounts import dashboard
 from accounts import services as accounts
 from config.errors import ApiError
-from inference import events, parsers, services, sockets
-from inference.images import decode_base64_image
+from inference import chat, events, parsers, services, sockets
 from inference.models import Query
 
 logger = logging.getLogger("sightline.websocket")
@@ -183,8 +183,8 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
         except ApiError as error:
             await self._refuse(error)
             return
-        image = content.get("image")
-        image_bytes = decode_base64_image(image) if image else None
+        # prompt + image(s), or messages; off the event loop (base64 decoding, an allowed remote URL)
+        conversation = await asyncio.to_thread(chat.conversation_from, content)
         client = services.ClientInfo(
             ip=(self.scope.get("client") or [None])[0], user_agent=_header(self.scope, b"user-agent") or ""
         )
@@ -192,8 +192,7 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
             self.api_key,
             endpoint=Query.Endpoint.WEBSOCKET,
             client=client,
-            prompt=content.get("prompt"),
-            image_bytes=image_bytes,
+            **conversation,
             max_tokens=content.get("max_tokens"),
             temperature=content.get("temperature"),
             top_p=content.get("top_p"),

@@ -43,7 +43,7 @@ class ChatCompletionsView(KeyedAPIView):
 
     @extend_schema(
         operation_id="chat_completions",
-        summary="OpenAI-compatible chat completion about one image",
+        summary="OpenAI-compatible chat completion (a conversation, 0..MAX_IMAGES_PER_REQUEST images)",
         description=(
             "OpenAI's request. Each field is honoured, stored (`user`, `metadata`, `store`, `service_tier`) "
             "or refused with 400 `unsupported_parameter` naming it (`stop`, `seed`, `tools`, ..., and any "
@@ -97,16 +97,14 @@ class ChatCompletionsView(KeyedAPIView):
         stream = validation.boolean(body.get("stream"), "stream")
         include_usage = validation.boolean(options.get("include_usage"), "stream_options.include_usage")
         include_usage = include_usage and stream
-        extra = {"messages": chat.messages, **extra}
         query = services.submit(
             request.auth,
             endpoint=Query.Endpoint.CHAT_COMPLETIONS,
             client=client_info(request),
             model=body.get("model"),
             extra_params=extra,
-            reserve_text=chat.all_text,
-            prompt=chat.prompt,
-            image_bytes=chat.image_bytes,
+            messages=chat.messages,
+            images=chat.images,
             max_tokens=max_tokens,
             temperature=body.get("temperature"),
             top_p=body.get("top_p"),

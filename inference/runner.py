@@ -15,7 +15,7 @@ from django.conf import settings
 from django.utils import timezone
 from PIL import Image
 
-from inference import events
+from inference import events, selectors
 from inference.engine import Completion, EngineError, GenerationParams
 from inference.models import Query
 
@@ -100,7 +100,7 @@ def execute(
     if not claim(query_id, worker):
         logger.info("query %s is not queued any more; not running it again", query_id)
         return None
-    query = Query.objects.select_related("image").get(pk=query_id)
+    query = Query.objects.get(pk=query_id)
     publisher.publish(query_id, {"type": events.STARTED, "query_id": str(query_id)})
     params = GenerationParams(
         max_new_tokens=int(query.params.get("max_tokens", settings.DEFAULT_MAX_TOKENS)),
@@ -120,11 +120,10 @@ def execute(
         last_flush = time.monotonic()
 
     try:
-        with Image.open(io.BytesIO(bytes(query.image.content))) as stored:
-            image = stored.convert("RGB")
-        generation = engine.stream(
-            image, query.prompt, params, should_stop=should_stop, messages=query.params.get("messages")
-        )
+        # Until the engine takes every image (EngineRequest), it gets the first (or none: text only).
+        messages, images = selectors.conversation_of(query)
+        image = Image.open(io.BytesIO(images[0])).convert("RGB") if images else None
+        generation = engine.stream(image, query.prompt, params, should_stop=should_stop, messages=messages)
         for delta in generation:
             if first_token_at is None:
                 first_token_at = timezone.now()
