@@ -108,7 +108,9 @@ def playground(request):
     return render(
         request,
         "dashboard/playground.html",
-        _context(request, membership, tiny_model=services.serves_tiny_model()),
+        _context(
+            request, membership, tiny_model=services.serves_tiny_model(), max_images=settings.MAX_IMAGES_PER_REQUEST
+        ),
     )
 
 
