@@ -502,16 +502,16 @@ def backend():
 
 
 # --- the rules ----------------------------------------------------------------------------------
-def reservation(prompt, max_tokens) -> int:
+def reservation(prompt, max_tokens, images: int = 1) -> int:
     """An upper bound of a query's tokens: max_tokens, the prompt's bytes (no token is shorter than
-    a byte), the image's tokens and the chat template's."""
+    a byte; ``prompt`` is all of the conversation's text), each image's tokens and the chat template's."""
     try:
         completion = int(max_tokens) if max_tokens not in (None, "") else settings.DEFAULT_MAX_TOKENS
     except (TypeError, ValueError):
         completion = settings.DEFAULT_MAX_TOKENS
     completion = min(max(completion, 1), settings.MAX_NEW_TOKENS)
     prompt_bytes = len(prompt.encode("utf-8")) if isinstance(prompt, str) else 0
-    return completion + prompt_bytes + settings.IMAGE_TOKEN_BOUND + settings.TEMPLATE_TOKEN_BOUND
+    return completion + prompt_bytes + images * settings.IMAGE_TOKEN_BOUND + settings.TEMPLATE_TOKEN_BOUND
 
 
 def headers(limits: Limits, snap: Snapshot, at: datetime) -> dict:
@@ -548,12 +548,12 @@ def _retry_after_ms(verdict: str, snap: Snapshot, at: datetime) -> int:
     return 1000  # a concurrent slot frees when a running query ends
 
 
-def admit(api_key, *, prompt=None, max_tokens=None) -> Admission:
-    """Admit one request of ``api_key`` or raise 429 (``rate_limited`` / ``quota_exceeded``)."""
+def admit(api_key, *, prompt=None, max_tokens=None, images: int = 1) -> Admission:
+    """Admit one request of ``api_key`` (``images`` images) or raise 429 (``rate_limited`` / ``quota_exceeded``)."""
     limits = Limits.of(api_key)
     at = datetime.now(UTC)
     admission_id = uuid.uuid4()
-    reserve = reservation(prompt, max_tokens)
+    reserve = reservation(prompt, max_tokens, images)
     try:
         verdict, snap = backend().admit(api_key.pk, limits, reserve, admission_id.hex, at)
     except redis.RedisError as exc:

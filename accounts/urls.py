@@ -16,6 +16,8 @@ urlpatterns = [
     path("keys/<int:key_id>/revoke/", views.key_revoke, name="key-revoke"),
     path("queries/", inference_views.query_list, name="queries"),
     path("queries/<uuid:query_id>/", inference_views.query_detail, name="query"),
+    # The query's first image (the URL of one-image days), and each by its position.
     path("queries/<uuid:query_id>/image.png", inference_views.query_image, name="query-image"),
+    path("queries/<uuid:query_id>/image/<int:position>", inference_views.query_image, name="query-image-at"),
     path("playground/", inference_views.playground, name="playground"),
 ]

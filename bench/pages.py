@@ -12,6 +12,7 @@ synthetic (no model ran): this measures the pages' queries and rendering, not in
 """
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def fill(rows: int) -> None:
 
     from accounts import services
     from accounts.models import Membership
+    from inference import chat
     from inference.models import Query, QueryImage
     from inference.samples import sample_png
 
@@ -57,15 +59,17 @@ def fill(rows: int) -> None:
                 FROM generate_series(1, %(rows)s) g
             )
             INSERT INTO inference_query (
-                id, tenant_id, api_key_id, model, endpoint, status, prompt, params, image_sha256, image_format,
-                image_width, image_height, image_bytes, answer, finish_reason, prompt_tokens, completion_tokens,
+                id, tenant_id, api_key_id, model, endpoint, status, prompt, messages, params,
+                answer, finish_reason, prompt_tokens, completion_tokens,
                 error_code, error_message, client_ip, user_agent, worker, reserved_tokens, settled_at,
                 created_at, started_at, first_token_at, finished_at)
             SELECT gen_random_uuid(), keys.tenant_id, keys.key_id, 'glm-4.6v-flash',
                 (ARRAY['glm_infer','chat_completions','queries','websocket'])[1 + (g %% 4)],
                 CASE WHEN rows.s < 0.03 THEN 'failed' ELSE 'succeeded' END,
-                'Question number ' || g || ': what is in this picture?', '{}'::jsonb,
-                md5(g::text) || md5((g + 1)::text), 'png', 640, 480, 50000 + (g %% 1000),
+                'Question number ' || g || ': what is in this picture?',
+                jsonb_build_array(jsonb_build_object('role', 'user', 'content', jsonb_build_array(jsonb_build_object(
+                    'type', 'text', 'text', 'Question number ' || g || ': what is in this picture?')))),
+                '{}'::jsonb,
                 CASE WHEN rows.s < 0.03 THEN '' ELSE 'A synthetic answer for benchmark row ' || g END,
                 CASE WHEN rows.s < 0.03 THEN '' ELSE 'stop' END,
                 200 + (g %% 100), CASE WHEN rows.s < 0.03 THEN 0 ELSE 20 + (g %% 200) END,
@@ -100,10 +104,24 @@ def fill(rows: int) -> None:
         for statement in import_module("inference.migrations.0005_query_prompt_trigram").FORWARD:
             cursor.execute(statement)
         cursor.execute("ANALYZE")
-    # A few images, for the detail pages.
+    # A few images (two per query), for the detail pages.
     png = sample_png()
+    digest = hashlib.sha256(png).hexdigest()
     for query in Query.objects.order_by("-created_at")[:20]:
-        QueryImage.objects.create(query=query, content=png, content_type="image/png", width=640, height=480)
+        Query.objects.filter(pk=query.pk).update(messages=chat.one_turn(query.prompt, 2))
+        QueryImage.objects.bulk_create(
+            QueryImage(
+                query=query,
+                position=position,
+                sha256=digest,
+                format="PNG",
+                size_bytes=len(png),
+                width=640,
+                height=480,
+                content=png,
+            )
+            for position in range(2)
+        )
     print(f"filled {rows:,} query rows and their rollups in {time.perf_counter() - started:.1f} s")
 
 

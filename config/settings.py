@@ -229,8 +229,8 @@ MAX_PROMPT_CHARS = env_int("MAX_PROMPT_CHARS", 8000)  # all messages of a conver
 # Prompt tokens of the whole conversation (template and images included). The web tier counts them
 # with the model's tokenizer when it can load one without torch, else bounds them from characters.
 MAX_PROMPT_TOKENS = env_int("MAX_PROMPT_TOKENS", 8192)
-# Images one request may carry (today one; the conversations issue raises it).
-MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 1)
+# Images one request (one conversation) may carry; 0 is fine: the model answers text-only questions.
+MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 8)
 MAX_NEW_TOKENS = env_int("MAX_NEW_TOKENS", 1024)
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)
 # Remote image URLs are refused unless their host is listed here (no server-side fetching by default).
@@ -240,8 +240,8 @@ SYNC_TIMEOUT = env_float("SYNC_TIMEOUT", 30.0)
 # `Authorization: Bearer <METRICS_TOKEN>`. Recent-latency quantiles cover METRICS_WINDOW_SECONDS.
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 METRICS_WINDOW_SECONDS = env_int("METRICS_WINDOW_SECONDS", 300)
-# Token reservations (quotas) bound a query's prompt tokens from above: the prompt's UTF-8 bytes,
-# plus at most IMAGE_TOKEN_BOUND for the image (GLM: one token per 28x28 pixels after scaling to
+# Token reservations (quotas) bound a query's prompt tokens from above: the conversation's UTF-8
+# bytes, plus at most IMAGE_TOKEN_BOUND per image (GLM: one token per 28x28 pixels after scaling to
 # MAX_IMAGE_SIDE) and TEMPLATE_TOKEN_BOUND for the chat template.
 IMAGE_TOKEN_BOUND = env_int("IMAGE_TOKEN_BOUND", (MAX_IMAGE_SIDE // 28 + 1) ** 2 + 2)
 TEMPLATE_TOKEN_BOUND = env_int("TEMPLATE_TOKEN_BOUND", 32)

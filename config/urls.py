@@ -16,7 +16,13 @@ urlpatterns = [
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi"), name="docs"),
     path("metrics", inference_views.metrics, name="metrics"),
     path("admin/usage/", inference_views.admin_usage, name="admin-usage"),
+    # The query's first image (the URL of one-image days), and each by its position.
     path("admin/queries/<uuid:query_id>/image.png", inference_views.admin_query_image, name="admin-query-image"),
+    path(
+        "admin/queries/<uuid:query_id>/image/<int:position>",
+        inference_views.admin_query_image,
+        name="admin-query-image-at",
+    ),
     path("admin/login/", limit_sign_in(admin.site.login)),  # before admin.site.urls: the same sign-in limit
     path("admin/", admin.site.urls),
     path("dashboard/", include("accounts.urls")),

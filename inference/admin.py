@@ -10,8 +10,9 @@ from django.http import StreamingHttpResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
+from inference import chat, selectors
 from inference.models import Query, UsageDaily
 from inference.services import served_models
 
@@ -49,7 +50,8 @@ COLUMNS = [
     "prompt_tokens",
     "completion_tokens",
 ]
-CSV_FIELDS = ["id", *COLUMNS, "total_seconds", "error_code", "image_sha256", "prompt"]
+# image_sha256: the SHA-256 of each image, in order, separated by spaces ("" for a text-only query).
+CSV_FIELDS = ["id", *COLUMNS, "total_seconds", "error_code", "images", "image_sha256", "prompt"]
 
 
 class CappedCountPaginator(Paginator):
@@ -117,12 +119,12 @@ class QueryAdmin(admin.ModelAdmin):
     exclude = ["params"]
 
     def get_queryset(self, request):
-        queryset = super().get_queryset(request).defer("answer", "params")
+        queryset = super().get_queryset(request).defer("answer", "params", "messages")
         queryset.__class__ = CalendarQuerySet
         return queryset
 
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in Query._meta.fields] + ["image_preview", "params", "latency", "answer"]
+        return [f.name for f in Query._meta.fields] + ["conversation", "images_preview", "params", "latency", "answer"]
 
     def has_add_permission(self, request):
         return False
@@ -153,10 +155,41 @@ class QueryAdmin(admin.ModelAdmin):
     def latency(self, obj):
         return None if obj.total_seconds is None else round(obj.total_seconds, 3)
 
-    @admin.display(description="image")
-    def image_preview(self, obj):
+    @admin.display(description="conversation")
+    def conversation(self, obj):
+        turns = chat.turns(obj.messages)
+        if not turns:
+            return "-"
         return format_html(
-            '<img src="{}" alt="query image" style="max-width:448px">', reverse("admin-query-image", args=[obj.pk])
+            '<ol class="conversation">{}</ol>',
+            format_html_join("", "<li><em>{}</em>: {}</li>", ((t["role"], t["text"]) for t in turns)),
+        )
+
+    @admin.display(description="images")
+    def images_preview(self, obj):
+        """Every image of the query, in order, with what was sent (format, size, SHA-256)."""
+        images = list(obj.images.only(*selectors.IMAGE_FIELDS).order_by("position"))
+        if not images:
+            return "None (a text-only query)"
+        return format_html_join(
+            "",
+            '<figure class="query-image" data-position="{}" style="margin:0 0 1em">'
+            '<img src="{}" alt="image {} of the query" style="max-width:448px">'
+            "<figcaption>#{} · {} {}×{} · {} bytes · sha256 <code>{}</code></figcaption></figure>",
+            (
+                (
+                    image.position,
+                    reverse("admin-query-image-at", args=[obj.pk, image.position]),
+                    image.position,
+                    image.position,
+                    image.format,
+                    image.width,
+                    image.height,
+                    image.size_bytes,
+                    image.sha256,
+                )
+                for image in images
+            ),
         )
 
     @admin.action(description="Export the selected queries as CSV")
@@ -169,7 +202,9 @@ def export_csv(queryset) -> StreamingHttpResponse:
 
     def rows():
         yield writer.writerow(CSV_FIELDS)
-        for q in queryset.select_related("tenant", "api_key").defer("answer").iterator(chunk_size=2000):
+        queries = selectors.with_images(queryset.select_related("tenant", "api_key").defer("answer", "messages"))
+        for q in queries.iterator(chunk_size=2000):
+            images = list(q.images.all())
             cells = [
                 q.pk,
                 q.created_at.isoformat(),
@@ -182,7 +217,8 @@ def export_csv(queryset) -> StreamingHttpResponse:
                 q.completion_tokens,
                 q.total_seconds,
                 q.error_code,
-                q.image_sha256,
+                len(images),
+                " ".join(image.sha256 for image in images),
                 q.prompt,
             ]
             yield writer.writerow([_csv_cell(cell) for cell in cells])

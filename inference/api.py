@@ -11,9 +11,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.errors import ApiError
-from inference import health, selectors, serializers, services, validation
+from inference import chat, health, selectors, serializers, services, validation
 from inference.dispatch import get_dispatcher
-from inference.images import decode_base64_image
 from inference.models import Query
 from inference.parsers import JSONObjectParser
 
@@ -79,27 +78,10 @@ def with_rate_headers(response, query: Query):
     return response
 
 
-def image_bytes_from(request) -> bytes | None:
-    """The image of a multipart upload (file part ``image``) or of a JSON body (base64 or data URI)."""
-    value = request.data.get("image")
-    if value is None or value == "":
-        return None
-    if hasattr(value, "read"):
-        if value.size > settings.MAX_IMAGE_BYTES:  # refuse before reading it into memory
-            limit = settings.MAX_IMAGE_BYTES / (1024 * 1024)
-            raise ApiError(
-                "image_too_large",
-                f"The image is {value.size / (1024 * 1024):.1f} MB; the limit is {limit:g} MB.",
-                param="image",
-            )
-        return value.read()
-    if isinstance(value, str):
-        return decode_base64_image(value)
-    raise ApiError("invalid_image", "'image' must be a file upload, base64 or a data URI.", param="image")
-
-
-# The fields of /v1/glm/infer and POST /v1/queries (JSON keys or form parts); any other is refused.
+# The fields of /v1/glm/infer (JSON keys or form parts); any other is refused. /v1/queries also
+# takes a conversation (``messages``, JSON) in place of ``prompt`` and ``image``.
 INFER_FIELDS = ("image", "prompt", "max_tokens", "temperature", "top_p", "enable_thinking")
+QUERY_FIELDS = (*INFER_FIELDS, "messages")
 
 
 def _thinking(data) -> bool:
@@ -113,20 +95,20 @@ def _thinking(data) -> bool:
     return validation.boolean(value, "enable_thinking", default=settings.GLM_INFER_THINKING_DEFAULT)
 
 
-def submit_from(request, endpoint: str) -> Query:
+def submit_from(request, endpoint: str, *, fields: tuple[str, ...] = INFER_FIELDS) -> Query:
     """Admit the request's query (multipart or JSON) through the shared admission path."""
     data = request.data
-    validation.refuse_unknown(data, INFER_FIELDS, endpoint=request.path)
+    validation.refuse_unknown(data, fields, endpoint=request.path)
     numbers = {name: data.get(name) for name in ("max_tokens", "temperature", "top_p")}
     if isinstance(data, QueryDict):  # a form's numbers are text; JSON's must be JSON numbers
         numbers = {name: validation.form_number(value, name) for name, value in numbers.items()}
+    conversation = chat.conversation_from(data)
     return services.submit(
         request.auth,
         endpoint=endpoint,
         client=client_info(request),
-        prompt=data.get("prompt"),
-        image_bytes=image_bytes_from(request),
         extra_params={"enable_thinking": _thinking(data)},
+        **conversation,
         **numbers,
     )
 
@@ -138,10 +120,12 @@ class GlmInferView(KeyedAPIView):
 
     @extend_schema(
         operation_id="glm_infer",
-        summary="Ask a question about an image",
+        summary="Ask a question, about 0..MAX_IMAGES_PER_REQUEST images",
         description=(
-            "Send `multipart/form-data` with an `image` file and a `prompt`, or `application/json` with "
-            "`image` as base64 or a data URI. Waits for the answer (at most SYNC_TIMEOUT seconds; past it, "
+            "Send `multipart/form-data` with a `prompt` and `image` files (repeat the part for several), or "
+            "`application/json` with `image` as base64 or a data URI, or a list of them. The image is optional: "
+            "the model answers text-only questions too. The model sees the images in order, then the prompt, "
+            "in one user message. Waits for the answer (at most SYNC_TIMEOUT seconds; past it, "
             "504 `timeout` with the `query_id`, and the query goes on). Any other field is refused with 400 "
             "`unsupported_parameter`."
         ),
@@ -160,7 +144,23 @@ class GlmInferView(KeyedAPIView):
                 },
                 request_only=True,
                 media_type="application/json",
-            )
+            ),
+            OpenApiExample(
+                "JSON, two images",
+                value={
+                    "image": [EXAMPLE_PNG, "data:image/png;base64," + EXAMPLE_PNG],
+                    "prompt": "What differs between these pictures?",
+                    "max_tokens": 16,
+                },
+                request_only=True,
+                media_type="application/json",
+            ),
+            OpenApiExample(
+                "JSON, text only",
+                value={"prompt": "Say hello.", "max_tokens": 16},
+                request_only=True,
+                media_type="application/json",
+            ),
         ],
         tags=["inference"],
     )
@@ -235,9 +235,14 @@ class QueryListView(KeyedAPIView):
     @extend_schema(
         operation_id="queries_create",
         summary="Submit a query as an async job",
+        description=(
+            "The inputs of /v1/glm/infer (`prompt` and 0..MAX_IMAGES_PER_REQUEST `image`s), or, as JSON, "
+            "`messages`: a conversation in the chat form of /v1/chat/completions (its images as `image_url` "
+            "parts), never both. Answers 202 at once; poll `GET /v1/queries/{id}`."
+        ),
         request={
             "multipart/form-data": serializers.InferMultipartSerializer,
-            "application/json": serializers.InferJsonSerializer,
+            "application/json": serializers.QueryJsonSerializer,
         },
         responses={202: serializers.QueryAcceptedSerializer, **errors(*SUBMITS)},
         examples=[
@@ -246,12 +251,30 @@ class QueryListView(KeyedAPIView):
                 value={"image": EXAMPLE_PNG, "prompt": "What is in this picture?", "max_tokens": 16},
                 request_only=True,
                 media_type="application/json",
-            )
+            ),
+            OpenApiExample(
+                "JSON, a conversation",
+                value={
+                    "messages": [
+                        {"role": "system", "content": "Answer in one word."},
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + EXAMPLE_PNG}},
+                                {"type": "text", "text": "Which colour is this?"},
+                            ],
+                        },
+                    ],
+                    "max_tokens": 16,
+                },
+                request_only=True,
+                media_type="application/json",
+            ),
         ],
         tags=["queries"],
     )
     def post(self, request):
-        query = submit_from(request, Query.Endpoint.QUERIES)
+        query = submit_from(request, Query.Endpoint.QUERIES, fields=QUERY_FIELDS)
         services.dispatch(query, queue_without_worker=True)
         poll_url = request.build_absolute_uri(f"/v1/queries/{query.pk}")
         response = Response(

@@ -1,96 +1,278 @@
 """OpenAI-style chat requests: turning ``messages`` into what the engine and the query log take.
 
-Sightline's model answers questions about an image, so a request carries exactly one image (an
-``image_url`` part, as a data URI; remote URLs only from hosts in IMAGE_URL_ALLOWED_HOSTS) and
-some text. System, user and assistant turns are kept and go through the model's chat template.
+A request is a conversation: system (and developer, read as system), user, assistant and tool
+messages, with 0..MAX_IMAGES_PER_REQUEST images in its user messages (``image_url`` parts, as data
+URIs; remote URLs only from hosts in IMAGE_URL_ALLOWED_HOSTS), text and images in any order.
+Assistant messages may carry ``tool_calls`` (their content then may be null) and
+``reasoning_content``; tool messages carry ``tool_call_id`` and text. The result is the chat
+template's form of ``inference/engine/request.py``: each message and each part kept in its place
+(so ``messages[i].content[j]`` names the same thing in the request and in the stored
+conversation), image parts as ``{"type": "image"}`` placeholders standing for the images in order.
 """
 
+import json
 from dataclasses import dataclass
+
+from django.conf import settings
+from django.http import QueryDict
 
 from config.errors import ApiError
 from inference import validation
 from inference.images import decode_base64_image, fetch_image_url
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list  # chat-template messages, the image as a {"type": "image"} placeholder
+    messages: list  # chat-template messages, each image as a {"type": "image"} placeholder
     prompt: str  # the last user turn's text, for the query log
     all_text: str  # every message's text, to bound the prompt's tokens
-    image_bytes: bytes
+    images: list[bytes]  # the images' bytes, in the order of their placeholders
 
 
-def _text_of(content, index: int) -> tuple[list, list[str]]:
-    """(template parts, image URLs) of one message's content."""
-    where = f"messages[{index}].content"
+def _refuse(where: str, message: str) -> ApiError:
+    return ApiError("invalid_request", message, param=where)
+
+
+def _parts(content, where: str) -> list:
+    """The template parts of a user/system/assistant ``content``: text and image_url parts, in order
+    (an image part keeps its URL under ``url`` until ``parse_messages`` takes it out)."""
     if isinstance(content, str):
-        return [{"type": "text", "text": validation.clean_text(content, where)}], []
+        return [{"type": "text", "text": validation.clean_text(content, where)}]
     if not isinstance(content, list):
-        raise ApiError("invalid_request", f"{where} must be a string or a list of parts.", param=where)
-    parts, images = [], []
+        raise _refuse(where, f"'{where}' must be a string or a list of parts.")
+    parts = []
     for j, part in enumerate(content):
-        where = f"messages[{index}].content[{j}]"
+        here = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": validation.text(part.get("text"), f"{where}.text", required=True)})
+            parts.append({"type": "text", "text": validation.text(part.get("text"), f"{here}.text", required=True)})
         elif kind == "image_url":
             image_url = part.get("image_url")
             url = image_url.get("url") if isinstance(image_url, dict) else image_url
             if not isinstance(url, str) or not url:
-                raise ApiError(
-                    "invalid_request", f"{where}.image_url.url is required (a string).", param=f"{where}.image_url"
-                )
-            parts.append({"type": "image"})
-            images.append(validation.clean_text(url, f"{where}.image_url"))
+                raise _refuse(f"{here}.image_url", f"'{here}.image_url.url' is required (a string).")
+            parts.append({"type": "image", "url": validation.clean_text(url, f"{here}.image_url")})
         else:
-            raise ApiError("invalid_request", f"{where} must be a 'text' or an 'image_url' part.", param=where)
-    return parts, images
+            raise _refuse(here, f"'{here}' must be a 'text' or an 'image_url' part.")
+    return parts
+
+
+def _tool_calls(value, where: str) -> list:
+    """OpenAI's ``tool_calls``: ``[{"id", "type": "function", "function": {"name", "arguments"}}]``,
+    ``arguments`` a JSON object as text (the chat template renders its keys)."""
+    if not isinstance(value, list) or not value:
+        raise _refuse(where, f"'{where}' must be a non-empty list of tool calls (or left out).")
+    calls = []
+    for k, call in enumerate(value):
+        here = f"{where}[{k}]"
+        if not isinstance(call, dict):
+            raise _refuse(here, f"'{here}' must be an object {{id, type: 'function', function: {{name, arguments}}}}.")
+        call_id = validation.text(call.get("id"), f"{here}.id", required=True)
+        if call.get("type", "function") != "function":
+            raise _refuse(f"{here}.type", f"'{here}.type' must be 'function'.")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _refuse(f"{here}.function", f"'{here}.function' must be an object {{name, arguments}}.")
+        name = validation.text(function.get("name"), f"{here}.function.name", required=True)
+        if not name:
+            raise _refuse(f"{here}.function.name", f"'{here}.function.name' must not be empty.")
+        arguments = validation.text(function.get("arguments"), f"{here}.function.arguments", required=True)
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise _refuse(
+                f"{here}.function.arguments",
+                f"'{here}.function.arguments' must be a JSON object as a string, like '{{\"city\": \"Paris\"}}'.",
+            )
+        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+def _message(message, index: int) -> dict:
+    """One request message in the template's form, checked."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise _refuse(where, f"'{where}' must be an object.")
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise _refuse(f"{where}.role", f"'{where}.role' must be one of {', '.join(ROLES)}.")
+    validation.text(message.get("name"), f"{where}.name")
+    role = ROLES[role]
+    content = message.get("content")
+    if role == "tool":
+        # The template renders a tool result as text (GLM: inside <tool_response>), so it is one string.
+        call_id = validation.text(message.get("tool_call_id"), f"{where}.tool_call_id", required=True)
+        parts = _parts(content, f"{where}.content")
+        if any(p["type"] == "image" for p in parts):
+            raise _refuse(f"{where}.content", f"'{where}.content' of a tool message must be text.")
+        return {"role": "tool", "tool_call_id": call_id, "content": "".join(p["text"] for p in parts)}
+    converted: dict = {"role": role}
+    if role == "assistant":
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None:
+            converted["tool_calls"] = _tool_calls(tool_calls, f"{where}.tool_calls")
+        reasoning = validation.text(message.get("reasoning_content"), f"{where}.reasoning_content")
+        if reasoning is not None:
+            converted["reasoning_content"] = reasoning
+        if content is None and tool_calls is not None:
+            content = []  # OpenAI's null content beside tool calls: no text
+    if content is None:
+        raise _refuse(f"{where}.content", f"'{where}.content' is required (a string or a list of parts).")
+    converted["content"] = _parts(content, f"{where}.content")
+    if role != "user" and any(p["type"] == "image" for p in converted["content"]):
+        raise _refuse(where, f"Images may only be sent in user messages; '{where}' is a {role} message.")
+    return {"role": converted.pop("role"), "content": converted.pop("content"), **converted}
+
+
+def text_of(message: dict) -> str:
+    """Everything of a template message the chat template renders as text: its text parts, its
+    reasoning, its tool calls' names and arguments, a tool's result. What the limits count."""
+    content = message.get("content")
+    pieces = [content] if isinstance(content, str) else [p["text"] for p in content or () if p["type"] == "text"]
+    if message.get("reasoning_content"):
+        pieces.append(message["reasoning_content"])
+    for call in message.get("tool_calls") or ():
+        pieces.extend((call["function"]["name"], call["function"]["arguments"]))
+    return "".join(pieces)
+
+
+def last_user_text(messages: list) -> str:
+    """The last user turn's text (the query log's ``prompt``); "" when there is none."""
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return text_of(message)
+    return ""
+
+
+def turns(messages: list) -> list[dict]:
+    """A stored conversation for people to read: each message's role and text, its images as
+    ``[image #k]`` and its tool calls as ``name(arguments)`` (the dashboard's and admin's pages)."""
+    shown, rank = [], 0
+    for message in messages or ():
+        content = message.get("content")
+        pieces = []
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content or ():
+            if part.get("type") == "image":
+                pieces.append(f"[image #{rank}]")
+                rank += 1
+            else:
+                pieces.append(part.get("text", ""))
+        for call in message.get("tool_calls") or ():
+            pieces.append(f"{call['function']['name']}({call['function']['arguments']})")
+        role = message.get("role", "")
+        if message.get("tool_call_id"):
+            role = f"{role} ({message['tool_call_id']})"
+        shown.append({"role": role, "text": " ".join(p for p in pieces if p)})
+    return shown
+
+
+def image_places(messages: list) -> list[tuple[int, int]]:
+    """Where each image part of a template conversation is, in order: (message, part) indices."""
+    return [
+        (i, j)
+        for i, message in enumerate(messages)
+        if isinstance(message.get("content"), list)
+        for j, part in enumerate(message["content"])
+        if part["type"] == "image"
+    ]
+
+
+def one_turn(prompt: str, images: int) -> list:
+    """The conversation of a prompt-and-images request: one user message, the images first (in
+    their order), then the question, as GLM's own examples put them."""
+    parts = [{"type": "image"} for _ in range(images)]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
 
 
 def parse_messages(messages) -> ChatRequest:
-    """The checked conversation. All messages together are bounded (characters and prompt tokens)
-    here, before admission: the limit is the conversation's, not its last message's."""
+    """The checked conversation of an OpenAI ``messages`` list, its images decoded (not yet checked
+    as pictures: that is ``services``' work, after admission). The image count is bounded here,
+    before any image is decoded; the conversation's characters and tokens by ``services`` before
+    admission (``validation.check_conversation_size``)."""
     if not isinstance(messages, list) or not messages:
-        raise ApiError("invalid_request", "'messages' must be a non-empty list.", param="messages")
-    converted, urls, texts, prompt = [], [], [], None
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ApiError("invalid_request", f"messages[{index}] must be an object.", param=f"messages[{index}]")
-        role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:
+        raise _refuse("messages", "'messages' must be a non-empty list.")
+    converted = [_message(message, index) for index, message in enumerate(messages)]
+    places = image_places(converted)
+    validation.check_image_count(len(places), field="messages")
+    images = []
+    for i, j in places:
+        where = f"messages[{i}].content[{j}].image_url"
+        url = converted[i]["content"][j].pop("url")
+        if url.lower().startswith(("http://", "https://")):
+            images.append(fetch_image_url(url, param=where))
+        else:
+            images.append(decode_base64_image(url, param=where))
+    return ChatRequest(
+        messages=converted,
+        prompt=last_user_text(converted),
+        all_text="\n".join(text_of(m) for m in converted),
+        images=images,
+    )
+
+
+# --- the conversation of a prompt-and-images request, or of one carrying messages -----------------
+def _upload_bytes(value, param: str) -> bytes:
+    """One image field's bytes: a file part (multipart), or base64 / a data URI (JSON or form text)."""
+    if hasattr(value, "read"):
+        if value.size > settings.MAX_IMAGE_BYTES:  # refuse before reading it into memory
+            limit = settings.MAX_IMAGE_BYTES / (1024 * 1024)
+            named = "The image" if param == "image" else f"The image at '{param}'"
             raise ApiError(
-                "invalid_request",
-                f"messages[{index}].role must be one of system, developer, user, assistant.",
-                param=f"messages[{index}].role",
+                "image_too_large",
+                f"{named} is {value.size / (1024 * 1024):.1f} MB; the limit is {limit:g} MB.",
+                param=param,
             )
-        validation.text(message.get("name"), f"messages[{index}].name")
-        role = ROLES[role]
-        parts, images = _text_of(message.get("content"), index)
-        if images and role != "user":
-            raise ApiError("invalid_request", "Images may only be sent in user messages.", param=f"messages[{index}]")
-        urls.extend(images)
-        text = "".join(p["text"] for p in parts if p["type"] == "text")
-        texts.append(text)
-        if role == "user":
-            prompt = text
-        converted.append({"role": role, "content": parts})
-    if len(urls) != 1:
+        return value.read()
+    if isinstance(value, str) and value:
+        return decode_base64_image(value, param=param)
+    raise ApiError("invalid_image", f"'{param}' must be a file upload, base64 or a data URI.", param=param)
+
+
+def images_from(data) -> list[bytes]:
+    """The images of a request, in order: repeated ``image`` file parts (multipart), or JSON's
+    ``image`` as one string or a list of them (base64 or data URIs). None, "" or [] is no image:
+    the model answers text-only questions too. Counted before any is read or decoded."""
+    if isinstance(data, QueryDict):
+        values = [value for value in data.getlist("image") if value != ""]
+    else:
+        value = data.get("image")
+        values = value if isinstance(value, list) else [] if value in (None, "") else [value]
+    validation.check_image_count(len(values), field="image")
+    if len(values) == 1 and not isinstance(data.get("image"), list):
+        return [_upload_bytes(values[0], "image")]
+    return [_upload_bytes(value, f"image[{k}]") for k, value in enumerate(values)]
+
+
+def conversation_from(data) -> dict:
+    """``services.submit``'s conversation arguments from a request body (JSON or a form) or a
+    websocket frame: ``messages`` (OpenAI's chat form), or ``prompt`` with 0..N ``image``s; never both."""
+    if data.get("messages") is None:
+        return {"prompt": data.get("prompt"), "images": images_from(data)}
+    if isinstance(data, QueryDict):
         raise ApiError(
             "invalid_request",
-            f"Send exactly one image (an image_url part with a data URI); this request has {len(urls)}.",
+            "'messages' is taken in JSON bodies (application/json), not in forms.",
             param="messages",
         )
-    if prompt is None:
-        raise ApiError("invalid_request", "At least one user message is required.", param="messages")
-    validation.check_conversation_size(texts, images=len(urls), field="messages")
-    url = urls[0]
-    if url.lower().startswith(("http://", "https://")):
-        image_bytes = fetch_image_url(url)
-    else:
-        image_bytes = decode_base64_image(url, param="image_url")
-    return ChatRequest(messages=converted, prompt=prompt, all_text="\n".join(texts), image_bytes=image_bytes)
+    for other in ("prompt", "image"):
+        if data.get(other) not in (None, "", []):
+            raise ApiError(
+                "invalid_request",
+                "Send either 'messages' (a conversation, its images inside) or 'prompt' and 'image'; not both.",
+                param=other,
+            )
+    parsed = parse_messages(data.get("messages"))
+    return {"messages": parsed.messages, "images": parsed.images}
 
 
 # --- every request field's treatment ------------------------------------------------------------
@@ -118,8 +300,12 @@ def _refused(note: str, *off) -> Parameter:
 _LATER = "is not supported yet"
 CHAT_PARAMETERS: dict[str, Parameter] = {
     "model": Parameter(HONOURED, "a model of GET /v1/models (default: the served model)"),
-    "messages": Parameter(HONOURED, "system/developer/user/assistant (with tool_calls)/tool; text and image_url parts"),
-    "max_tokens": Parameter(HONOURED, "1..MAX_NEW_TOKENS, per choice"),
+    "messages": Parameter(
+        HONOURED,
+        "system/developer/user/assistant (tool_calls, reasoning_content)/tool messages; text and "
+        "0..MAX_IMAGES_PER_REQUEST image_url parts in user messages, in any order",
+    ),
+    "max_tokens": Parameter(HONOURED, "1..MAX_NEW_TOKENS"),
     "max_completion_tokens": Parameter(HONOURED, "as max_tokens (wins over it)"),
     "temperature": Parameter(HONOURED, "0..2; below 1e-5 is greedy; omitted: the model's generation_config"),
     "top_p": Parameter(HONOURED, "0..1; omitted: the model's generation_config"),

@@ -3,11 +3,14 @@ are the same services the REST API uses; this class only speaks the frames.
 
 Client frames: ``{"type": "auth", "api_key": ...}`` (first, within WS_AUTH_TIMEOUT_SECONDS, unless
 a header or the dashboard session authenticated),
-``{"type": "infer", "prompt", "image" (base64 or data URI), "max_tokens"?, "temperature"?, "top_p"?}``,
-``chat_template_kwargs``/``reasoning_effort``? (thinking on or off, as in chat completions),
+``{"type": "infer", "prompt", "image"? (base64 or a data URI, or a list of them), "max_tokens"?, "temperature"?,
+"top_p"?}`` or ``{"type": "infer", "messages" (OpenAI's chat form), ...}``, with any decoding field of chat
+completions (``stop``, ``seed``, ``n``, ``tools``, ``response_format``, ``chat_template_kwargs`` or
+``reasoning_effort`` for thinking, ...; ``temperature`` and ``top_p`` keep this endpoint's defaults),
 ``{"type": "cancel"}``. Server frames: ``ready``, ``queued`` (with ``query_id``), ``reasoning``
-(``text``: the model's thinking), ``token`` (``text``: the answer),
-``done`` (``result``, ``reasoning``, ``usage``, ``cost_time``, ``finish_reason``) or ``error`` (``code``, ``message``,
+(``text``: the model's thinking), ``token`` (``text``: the answer), ``tool_call`` (``tool_call``),
+``done`` (``result``, ``reasoning``, ``tool_calls``, ``usage``, ``cost_time``, ``finish_reason``) or ``error``
+(``code``, ``message``,
 ``param``?).
 
 The key's state (revoked, expired, tenant disabled; for the dashboard session, the membership) is
@@ -32,8 +35,7 @@ from django.conf import settings
 from accounts import dashboard
 from accounts import services as accounts
 from config.errors import ApiError
-from inference import events, parameters, parsers, services, sockets
-from inference.images import decode_base64_image
+from inference import chat, events, parameters, parsers, services, sockets
 from inference.models import Query
 
 logger = logging.getLogger("sightline.websocket")
@@ -74,6 +76,17 @@ def decode_frame(text_data: str | None) -> dict:
     if not isinstance(content.get("type"), str):
         raise _bad(f"The frame's 'type' must be {FRAME_TYPES}.", "type")
     return content
+
+
+def _decoding(content: dict) -> dict:
+    """The chat decoding fields of an ``infer`` frame (checked as chat completions checks them);
+    the sampling values it leaves out keep this endpoint's documented defaults (greedy)."""
+    fields = {key: value for key, value in content.items() if key not in ("temperature", "top_p")}
+    decoding = parameters.decoding(fields)
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if decoding.get(key) is None:
+            decoding.pop(key, None)
+    return decoding
 
 
 class InferConsumer(AsyncJsonWebsocketConsumer):
@@ -185,8 +198,8 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
         except ApiError as error:
             await self._refuse(error)
             return
-        image = content.get("image")
-        image_bytes = decode_base64_image(image) if image else None
+        # prompt + image(s), or messages; off the event loop (base64 decoding, an allowed remote URL)
+        conversation = await asyncio.to_thread(chat.conversation_from, content)
         client = services.ClientInfo(
             ip=(self.scope.get("client") or [None])[0], user_agent=_header(self.scope, b"user-agent") or ""
         )
@@ -194,12 +207,11 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
             self.api_key,
             endpoint=Query.Endpoint.WEBSOCKET,
             client=client,
-            prompt=content.get("prompt"),
-            image_bytes=image_bytes,
+            **conversation,
             max_tokens=content.get("max_tokens"),
             temperature=content.get("temperature"),
             top_p=content.get("top_p"),
-            extra_params={"enable_thinking": parameters.thinking(content, default=settings.CHAT_THINKING_DEFAULT)},
+            extra_params=_decoding(content),
         )
         self.query_id = str(query.pk)
         self.group = events.group_name(query.pk)
@@ -234,10 +246,16 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
     async def query_token(self, event):
         """The answer's text as ``token`` frames, the thinking as ``reasoning`` frames, in order."""
         for piece in event["pieces"]:
+            # Which choice, when a frame asked for several (n > 1).
+            choice = {"index": piece["choice"]} if piece["choice"] else {}
             if piece["reasoning"]:
-                await self.send_json({"type": "reasoning", "query_id": event["query_id"], "text": piece["reasoning"]})
+                await self.send_json(
+                    {"type": "reasoning", "query_id": event["query_id"], "text": piece["reasoning"], **choice}
+                )
             if piece["text"]:
-                await self.send_json({"type": "token", "query_id": event["query_id"], "text": piece["text"]})
+                await self.send_json({"type": "token", "query_id": event["query_id"], "text": piece["text"], **choice})
+            for call in piece["tool_calls"]:
+                await self.send_json({"type": "tool_call", "query_id": event["query_id"], "tool_call": call, **choice})
 
     async def query_done(self, event):
         await self._leave()

@@ -58,22 +58,26 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def check_image(data: bytes) -> CheckedImage:
-    """Validate and normalise image bytes, or raise ``ApiError`` saying what to fix."""
+def check_image(data: bytes, *, param: str = "image") -> CheckedImage:
+    """Validate and normalise image bytes, or raise ``ApiError`` saying what to fix. ``param`` names
+    the image in the error (``image``, ``image[1]``, ``messages[0].content[2]``): a request may
+    carry several."""
+    the_image = "The image" if param == "image" else f"The image at '{param}'"
     if not data:
-        raise ApiError("invalid_image", "The image is empty.", param="image")
+        raise ApiError("invalid_image", f"{the_image} is empty.", param=param)
     if len(data) > settings.MAX_IMAGE_BYTES:
         raise ApiError(
             "image_too_large",
-            f"The image is {len(data) / (1024 * 1024):.1f} MB; the limit is {_limit_text()}.",
-            param="image",
+            f"{the_image} is {len(data) / (1024 * 1024):.1f} MB; the limit is {_limit_text()}.",
+            param=param,
         )
     fmt = sniff_format(data)
     if fmt is None:
         raise ApiError(
             "invalid_image",
-            f"The file is not an image of a supported type ({SUPPORTED}); the type is read from the content.",
-            param="image",
+            f"{the_image.replace('image', 'file', 1)} is not an image of a supported type ({SUPPORTED}); "
+            "the type is read from the content.",
+            param=param,
         )
     try:
         with warnings.catch_warnings():
@@ -81,13 +85,13 @@ def check_image(data: bytes) -> CheckedImage:
             image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size  # read from the header; nothing decoded yet
             if width <= 0 or height <= 0:
-                raise ApiError("invalid_image", "The image has no pixels.", param="image")
+                raise ApiError("invalid_image", f"{the_image} has no pixels.", param=param)
             if width * height > settings.MAX_IMAGE_PIXELS:
                 raise ApiError(
                     "image_too_large",
-                    f"The image is {width}x{height} pixels ({width * height:,}); the limit is "
+                    f"{the_image} is {width}x{height} pixels ({width * height:,}); the limit is "
                     f"{settings.MAX_IMAGE_PIXELS:,} pixels. Scale it down before sending.",
-                    param="image",
+                    param=param,
                 )
             if fmt == "GIF":
                 image.seek(0)  # first frame only
@@ -101,14 +105,14 @@ def check_image(data: bytes) -> CheckedImage:
         size = f"{int(found.group(1)):,} pixels" if found else f"more than {settings.MAX_IMAGE_PIXELS:,} pixels"
         raise ApiError(
             "image_too_large",
-            f"The image is {size}; the limit is {settings.MAX_IMAGE_PIXELS:,} pixels. Scale it down before sending.",
-            param="image",
+            f"{the_image} is {size}; the limit is {settings.MAX_IMAGE_PIXELS:,} pixels. Scale it down before sending.",
+            param=param,
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ApiError(
             "invalid_image",
-            f"The {fmt} image could not be decoded (truncated or corrupt file): {exc}",
-            param="image",
+            f"{the_image} ({fmt}) could not be decoded (truncated or corrupt file): {exc}",
+            param=param,
         ) from exc
     image = normalise(image)
     return CheckedImage(

@@ -31,14 +31,12 @@ class Query(models.Model):
     endpoint = models.CharField(max_length=32, choices=Endpoint.choices)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
 
-    prompt = models.TextField()
+    prompt = models.TextField(blank=True, help_text="the last user turn's text")
+    # The conversation in the chat template's form (inference/engine/request.py): system, user,
+    # assistant (tool_calls, reasoning_content) and tool messages, each image a {"type": "image"}
+    # part standing for the query's image of the same rank (QueryImage.position).
+    messages = models.JSONField(default=list, blank=True)
     params = models.JSONField(default=dict, blank=True)
-
-    image_sha256 = models.CharField(max_length=64, db_index=True)
-    image_format = models.CharField(max_length=16)
-    image_width = models.PositiveIntegerField()
-    image_height = models.PositiveIntegerField()
-    image_bytes = models.PositiveIntegerField()
 
     answer = models.TextField(blank=True, default="")
     reasoning = models.TextField(blank=True, default="", help_text="the model's thinking, apart from the answer")
@@ -116,16 +114,26 @@ class Query(models.Model):
 
 
 class QueryImage(models.Model):
-    """The normalised image of a query (RGB, scaled down, PNG), kept apart so lists never load it."""
+    """One image of a query, in the conversation's order: what was sent (SHA-256, format, size and
+    dimensions of the upload) and what the model saw (RGB, scaled down, PNG). A table of its own so
+    that lists never load the content."""
 
-    query = models.OneToOneField(Query, primary_key=True, on_delete=models.CASCADE, related_name="image")
-    content = models.BinaryField()
+    query = models.ForeignKey(Query, on_delete=models.CASCADE, related_name="images")
+    position = models.PositiveSmallIntegerField(help_text="0 for the conversation's first image part")
+    sha256 = models.CharField(max_length=64, db_index=True, help_text="of the bytes sent")
+    format = models.CharField(max_length=16, help_text="JPEG, PNG, WEBP, GIF or BMP, read from the content")
+    size_bytes = models.PositiveIntegerField(help_text="of the upload")
+    width = models.PositiveIntegerField(help_text="of the upload")
+    height = models.PositiveIntegerField(help_text="of the upload")
+    content = models.BinaryField(help_text="the normalised image the model saw")
     content_type = models.CharField(max_length=32, default="image/png")
-    width = models.PositiveIntegerField()
-    height = models.PositiveIntegerField()
+
+    class Meta:
+        ordering = ["query", "position"]
+        constraints = [models.UniqueConstraint(fields=["query", "position"], name="unique_query_image_position")]
 
     def __str__(self) -> str:
-        return f"image of {self.query_id}"
+        return f"image {self.position} of {self.query_id}"
 
 
 class UsageDaily(models.Model):

@@ -67,7 +67,7 @@ class ChatCompletionsView(KeyedAPIView):
 
     @extend_schema(
         operation_id="chat_completions",
-        summary="OpenAI-compatible chat completion (text and images)",
+        summary="OpenAI-compatible chat completion (a conversation, 0..MAX_IMAGES_PER_REQUEST images)",
         description=(
             "OpenAI's request. Each field is honoured (sampling, `n`, `stop`, `seed`, `logprobs`, "
             "`response_format`, `tools`/`tool_choice`, vLLM's `top_k`/`min_p`/`repetition_penalty`, "
@@ -118,17 +118,16 @@ class ChatCompletionsView(KeyedAPIView):
         stream = validation.boolean(body.get("stream"), "stream")
         include_usage = validation.boolean(options.get("include_usage"), "stream_options.include_usage")
         include_usage = include_usage and stream
-        extra = {"messages": chat.messages, **decoding, **extra}
+        extra = {**decoding, **extra}
         query = services.submit(
             request.auth,
             endpoint=Query.Endpoint.CHAT_COMPLETIONS,
             client=client_info(request),
             model=body.get("model"),
             extra_params=extra,
-            reserve_text=chat.all_text,
+            messages=chat.messages,
+            images=chat.images,
             choices=decoding["n"],
-            prompt=chat.prompt,
-            image_bytes=chat.image_bytes,
             max_tokens=max_tokens,
         )
         if stream:

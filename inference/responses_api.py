@@ -200,7 +200,7 @@ class ResponsesView(KeyedAPIView):
         decoding = parameters.decoding(chat_form)
         chat = parse_messages(_messages(body))
         stream = validation.boolean(body.get("stream"), "stream")
-        extra = {"messages": chat.messages, **decoding, **informational(body)}
+        extra = {**decoding, **informational(body)}
         if body.get("instructions"):
             extra["instructions"] = body["instructions"]
         query = services.submit(
@@ -209,9 +209,8 @@ class ResponsesView(KeyedAPIView):
             client=client_info(request),
             model=body.get("model"),
             extra_params=extra,
-            reserve_text=chat.all_text,
-            prompt=chat.prompt,
-            image_bytes=chat.image_bytes,
+            messages=chat.messages,
+            images=chat.images,
             max_tokens=body.get("max_output_tokens"),
         )
         if stream:

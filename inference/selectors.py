@@ -2,7 +2,10 @@
 
 import uuid
 
-from inference.models import Query
+from django.db.models import Prefetch
+
+from inference import chat
+from inference.models import Query, QueryImage
 
 LIST_FIELDS = (
     "id",
@@ -12,12 +15,8 @@ LIST_FIELDS = (
     "endpoint",
     "status",
     "prompt",
+    "messages",
     "params",
-    "image_sha256",
-    "image_format",
-    "image_width",
-    "image_height",
-    "image_bytes",
     "answer",
     "finish_reason",
     "prompt_tokens",
@@ -29,19 +28,45 @@ LIST_FIELDS = (
     "first_token_at",
     "finished_at",
 )
+# What pages and the API show of a query's images: everything but the content.
+IMAGE_FIELDS = ("id", "query_id", "position", "sha256", "format", "size_bytes", "width", "height")
+
+
+def with_images(queries):
+    """``queries`` with each one's images (without their content) in order, as ``query.images.all()``."""
+    images = QueryImage.objects.only(*IMAGE_FIELDS).order_by("position")
+    return queries.prefetch_related(Prefetch("images", queryset=images))
 
 
 def tenant_queries(tenant_id):
-    """The tenant's queries, newest first, without the image (it lives in its own table)."""
+    """The tenant's queries, newest first, without their images (they live in their own table)."""
     return Query.objects.filter(tenant_id=tenant_id).only(*LIST_FIELDS).order_by("-created_at", "-id")
 
 
 def tenant_query(tenant_id, query_id) -> Query | None:
+    """One of the tenant's queries, with its images' facts (``with_images``); None if not theirs."""
     try:
         query_uuid = uuid.UUID(str(query_id))
     except ValueError:
         return None
-    return tenant_queries(tenant_id).filter(pk=query_uuid).first()
+    return with_images(tenant_queries(tenant_id).filter(pk=query_uuid)).first()
+
+
+def query_image(query_id, position: int, tenant_id=None) -> QueryImage | None:
+    """The stored (normalised) image at ``position`` of a query, of ``tenant_id``'s when given."""
+    images = QueryImage.objects.filter(query_id=query_id, position=position)
+    if tenant_id is not None:
+        images = images.filter(query__tenant_id=tenant_id)
+    return images.only("content", "content_type").first()
+
+
+def conversation_of(query: Query) -> tuple[list, list[bytes]]:
+    """What the engine is asked: the query's conversation in the chat template's form, and its
+    normalised images (PNG bytes) in order, the k-th standing for the k-th ``{"type": "image"}``
+    part. A row written before conversations were stored asks its prompt about its images."""
+    images = [bytes(content) for content in query.images.order_by("position").values_list("content", flat=True)]
+    messages = query.messages or chat.one_turn(query.prompt, len(images))
+    return messages, images
 
 
 def usage_totals(tenant_id, since, api_key_id=None) -> dict:
@@ -152,11 +177,3 @@ def top_keys(since, limit=10, tenant_id=None) -> list[dict]:
         .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
         .order_by("-requests")[:limit]
     )
-
-
-def conversation_of(query: Query) -> tuple[list, list[bytes]]:
-    """A query's conversation in the chat template's form and its normalised images, in order."""
-    messages = query.params.get("messages") or [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query.prompt}]}
-    ]
-    return messages, [bytes(query.image.content)]

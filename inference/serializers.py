@@ -1,5 +1,6 @@
 """Request and response shapes, used to document the API (drf-spectacular) and to render answers."""
 
+from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -15,8 +16,7 @@ class UsageSerializer(serializers.Serializer):
     completion_tokens_details = CompletionDetailsSerializer()
 
 
-class _InferParams(serializers.Serializer):
-    prompt = serializers.CharField(help_text="The question about the image; at most 8,000 characters.")
+class _Numbers(serializers.Serializer):
     # null is the default, as when the field is left out (OpenAI's SDKs send null for None).
     max_tokens = serializers.IntegerField(
         required=False, allow_null=True, min_value=1, help_text="1..MAX_NEW_TOKENS (default 256)"
@@ -30,12 +30,70 @@ class _InferParams(serializers.Serializer):
     )
 
 
+class _InferParams(_Numbers):
+    prompt = serializers.CharField(
+        help_text="The question (about the images, if any); all text together at most MAX_PROMPT_CHARS (8,000)."
+    )
+
+
+MAX_IMAGES = settings.MAX_IMAGES_PER_REQUEST
+IMAGES_HELP = (
+    f"0..MAX_IMAGES_PER_REQUEST ({MAX_IMAGES}) images, in the order the model sees them, before the prompt; "
+    "each JPEG, PNG, WebP, GIF (first frame) or BMP of at most MAX_IMAGE_BYTES (10 MB). Optional: "
+    "the model answers text-only questions too."
+)
+
+
 class InferMultipartSerializer(_InferParams):
-    image = serializers.FileField(help_text="JPEG, PNG, WebP, GIF (first frame) or BMP; at most 10 MB.")
+    image = serializers.ListField(
+        child=serializers.FileField(),
+        required=False,
+        max_length=MAX_IMAGES,
+        help_text=f"Repeat the `image` part for several. {IMAGES_HELP}",
+    )
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "description": "one image, as base64 or a data URI"},
+            {
+                "type": "array",
+                "items": {"type": "string"},
+                "maxItems": MAX_IMAGES,
+                "description": "several images, each as base64 or a data URI",
+            },
+        ]
+    }
+)
+class ImagesField(serializers.Field):
+    """``image`` of a JSON body: one string or a list of them."""
+
+
+JSON_IMAGES_HELP = f"The image as base64 or a data URI (data:image/png;base64,...), or a list of them. {IMAGES_HELP}"
 
 
 class InferJsonSerializer(_InferParams):
-    image = serializers.CharField(help_text="The image as base64, or a data URI (data:image/png;base64,...).")
+    image = ImagesField(required=False, allow_null=True, help_text=JSON_IMAGES_HELP)
+
+
+class QueryJsonSerializer(_Numbers):
+    """``POST /v1/queries`` as JSON: ``prompt`` and ``image`` as for /v1/glm/infer, or ``messages``."""
+
+    prompt = serializers.CharField(
+        required=False, help_text="The question (about the images, if any); required unless `messages` is sent."
+    )
+    image = ImagesField(required=False, allow_null=True, help_text=JSON_IMAGES_HELP)
+    messages = serializers.ListField(
+        child=serializers.DictField(),
+        required=False,
+        min_length=1,
+        help_text=(
+            "In place of `prompt` and `image`: a conversation in OpenAI's chat form (as /v1/chat/completions "
+            "takes it): system, developer, user, assistant (with `tool_calls`) and tool messages, text and "
+            "`image_url` parts (data URIs) in any order, 0..MAX_IMAGES_PER_REQUEST images in user messages."
+        ),
+    )
 
 
 class InferResultSerializer(serializers.Serializer):
@@ -65,11 +123,25 @@ class QueryInputSerializer(InferMultipartSerializer):
 
 
 class ImageInfoSerializer(serializers.Serializer):
-    sha256 = serializers.CharField()
-    format = serializers.CharField()
+    """One image of a query, as it was sent (the model saw it scaled down to MAX_IMAGE_SIDE)."""
+
+    position = serializers.IntegerField(help_text="0 for the conversation's first image")
+    sha256 = serializers.CharField(help_text="of the bytes sent")
+    format = serializers.CharField(help_text="JPEG, PNG, WEBP, GIF or BMP, read from the content")
     width = serializers.IntegerField()
     height = serializers.IntegerField()
-    bytes = serializers.IntegerField()
+    bytes = serializers.IntegerField(help_text="the upload's size")
+
+
+def image_info(image) -> dict:
+    return {
+        "position": image.position,
+        "sha256": image.sha256,
+        "format": image.format,
+        "width": image.width,
+        "height": image.height,
+        "bytes": image.size_bytes,
+    }
 
 
 class QueryErrorSerializer(serializers.Serializer):
@@ -93,6 +165,12 @@ class QuerySerializer(serializers.Serializer):
     endpoint = serializers.CharField()
     prompt = serializers.CharField()
     params = serializers.DictField()
+    messages = serializers.ListField(
+        child=serializers.DictField(),
+        help_text='The conversation in the chat template\'s form: each image a {"type": "image"} part, '
+        "standing for the entry of `images` of the same rank.",
+    )
+    images = serializers.SerializerMethodField()
     image = serializers.SerializerMethodField()
     answer = serializers.CharField()
     finish_reason = serializers.CharField()
@@ -106,15 +184,16 @@ class QuerySerializer(serializers.Serializer):
     def get_object(self, query) -> str:
         return "query"
 
-    @extend_schema_field(ImageInfoSerializer)
-    def get_image(self, query) -> dict:
-        return {
-            "sha256": query.image_sha256,
-            "format": query.image_format,
-            "width": query.image_width,
-            "height": query.image_height,
-            "bytes": query.image_bytes,
-        }
+    @extend_schema_field(ImageInfoSerializer(many=True))
+    def get_images(self, query) -> list[dict]:
+        return [image_info(image) for image in _images_of(query)]
+
+    @extend_schema_field(
+        ImageInfoSerializer(allow_null=True, help_text="The first of `images`, or null (kept for older clients).")
+    )
+    def get_image(self, query) -> dict | None:
+        images = _images_of(query)
+        return image_info(images[0]) if images else None
 
     @extend_schema_field(UsageSerializer(allow_null=True))
     def get_usage(self, query) -> dict | None:
@@ -137,6 +216,11 @@ class QuerySerializer(serializers.Serializer):
             "first_token_seconds": query.first_token_seconds,
             "total_seconds": query.total_seconds,
         }
+
+
+def _images_of(query) -> list:
+    """The query's images in order; prefetched by ``selectors.with_images`` where lists show them."""
+    return sorted(query.images.all(), key=lambda image: image.position)
 
 
 class QueryAcceptedSerializer(serializers.Serializer):

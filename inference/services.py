@@ -6,6 +6,7 @@ Every endpoint goes through the same path: authenticate (DRF), check the input, 
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -15,7 +16,7 @@ from django.db import connection, transaction
 from accounts import quotas
 from config import shutdown
 from config.errors import STATUS, ApiError
-from inference import events, runner, tiny_model, validation
+from inference import chat, events, runner, tiny_model, validation
 from inference.dispatch import get_dispatcher
 from inference.images import CheckedImage, check_image
 from inference.models import Query, QueryImage
@@ -29,8 +30,11 @@ POLL_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class InferenceInput:
-    prompt: str
-    image: CheckedImage
+    """A request that passed every check: its conversation, its images in order, how to decode."""
+
+    messages: list  # the chat template's form; the k-th {"type": "image"} part is images[k]
+    prompt: str  # the last user turn's text, for the query log
+    images: list[CheckedImage]
     max_tokens: int
     temperature: float
     top_p: float
@@ -45,32 +49,63 @@ class ClientInfo:
     user_agent: str = ""
 
 
-def check_prompt(prompt, *, images: int = 1) -> str:
-    """The question of a one-message request (``/v1/glm/infer``, ``/v1/queries``, the websocket)."""
+def check_prompt(prompt) -> str:
+    """The question of a prompt-and-images request (``/v1/glm/infer``, ``/v1/queries``, the websocket)."""
     if prompt is None:
-        raise ApiError("invalid_request", "'prompt' is required: the question to ask about the image.", param="prompt")
+        raise ApiError(
+            "invalid_request", "'prompt' is required: the question (about the images, if any).", param="prompt"
+        )
     prompt = validation.text(prompt, "prompt")
     if not prompt.strip():
         raise ApiError("invalid_request", "'prompt' must not be empty.", param="prompt")
-    validation.check_conversation_size([prompt], images=images, field="prompt")
     return prompt
 
 
 @dataclass(frozen=True)
-class Params:
-    """A request's checked text and numbers: everything but the image."""
+class Conversation:
+    """A request's checked conversation, before its images are looked at."""
 
-    prompt: str
+    messages: list  # the chat template's form (inference/chat.py)
+    prompt: str  # the last user turn's text
+    texts: list[str]  # what the template renders of each message: what the limits count
+    image_params: list[str]  # the request field of each image, in order, for its errors
+
+
+def check_conversation(*, messages: list | None = None, prompt=None, images: int = 0) -> Conversation:
+    """Either ``messages`` (the template form, as ``chat.parse_messages`` makes it) or a ``prompt``
+    asked about ``images`` images (one user message: the images, then the text). Bounded as a
+    whole (characters, tokens, images) before admission spends anything."""
+    if messages is None:
+        validation.check_image_count(images, field="image")
+        prompt = check_prompt(prompt)
+        messages = chat.one_turn(prompt, images)
+        field = "prompt"
+        image_params = ["image"] if images == 1 else [f"image[{k}]" for k in range(images)]
+    else:
+        field = "messages"
+        places = chat.image_places(messages)
+        if len(places) != images:  # a caller's bug, never a client's
+            raise ValueError(f"the conversation has {len(places)} image parts for {images} images")
+        prompt = chat.last_user_text(messages)
+        image_params = [f"messages[{i}].content[{j}]" for i, j in places]
+    texts = [chat.text_of(message) for message in messages]
+    validation.check_conversation_size(texts, images=images, field=field)
+    return Conversation(messages=messages, prompt=prompt, texts=texts, image_params=image_params)
+
+
+@dataclass(frozen=True)
+class Params:
+    """A request's checked decoding numbers."""
+
     max_tokens: int
     temperature: float
     top_p: float
 
 
-def check_params(*, prompt, max_tokens=None, temperature=None, top_p=None, **_image) -> Params:
-    """The cheap checks (text, numbers, conversation size), run before admission spends anything.
-    Numbers are JSON numbers; multipart forms convert theirs with ``validation.form_number`` first."""
+def check_params(*, max_tokens=None, temperature=None, top_p=None) -> Params:
+    """The cheap checks, run before admission spends anything. Numbers are JSON numbers; multipart
+    forms convert theirs with ``validation.form_number`` first."""
     return Params(
-        prompt=check_prompt(prompt),
         max_tokens=validation.number(
             max_tokens, "max_tokens", int, 1, settings.MAX_NEW_TOKENS, settings.DEFAULT_MAX_TOKENS
         ),
@@ -79,26 +114,35 @@ def check_params(*, prompt, max_tokens=None, temperature=None, top_p=None, **_im
     )
 
 
-def check_image_input(image_bytes: bytes | None) -> CheckedImage:
-    if image_bytes is None:
-        raise ApiError("invalid_request", "'image' is required: a file upload, base64 or a data URI.", param="image")
-    return check_image(image_bytes)
+def check_images(images: Sequence[bytes], *, params: Sequence[str]) -> list[CheckedImage]:
+    """Each image decoded and normalised, in order; an error names the image's field."""
+    return [check_image(data, param=param) for data, param in zip(images, params, strict=True)]
 
 
-def _input(params: Params, image: CheckedImage) -> InferenceInput:
+def _input(conversation: Conversation, params: Params, images: list[CheckedImage]) -> InferenceInput:
     return InferenceInput(
-        prompt=params.prompt,
-        image=image,
+        messages=conversation.messages,
+        prompt=conversation.prompt,
+        images=images,
         max_tokens=params.max_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
     )
 
 
-def check_input(*, prompt, image_bytes: bytes | None, max_tokens=None, temperature=None, top_p=None) -> InferenceInput:
+def check_input(
+    *,
+    messages: list | None = None,
+    prompt=None,
+    images: Sequence[bytes] = (),
+    max_tokens=None,
+    temperature=None,
+    top_p=None,
+) -> InferenceInput:
     """Check everything about a request before anything is spent on it. Raises ``ApiError``."""
-    params = check_params(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    return _input(params, check_image_input(image_bytes))
+    conversation = check_conversation(messages=messages, prompt=prompt, images=len(images))
+    params = check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    return _input(conversation, params, check_images(images, params=conversation.image_params))
 
 
 def served_models() -> list[str]:
@@ -135,9 +179,10 @@ def accept(
     model: str | None = None,
     extra_params: dict | None = None,
 ) -> Query:
-    """Write the query row (``queued``) and its normalised image, and commit. Nothing is dispatched yet."""
+    """Write the query row (``queued``), its conversation and its normalised images (one row each,
+    in order), and commit. Nothing is dispatched yet."""
     client = client or ClientInfo()
-    png = data.image.normalised_png()
+    pngs = [image.normalised_png() for image in data.images]  # before the transaction: no lock held meanwhile
     identity = (
         {"id": admission.id, "created_at": admission.at, "reserved_tokens": admission.reserved_tokens}
         if admission
@@ -151,17 +196,23 @@ def accept(
             model=model or settings.INFERENCE_MODEL_NAME,
             endpoint=endpoint,
             prompt=data.prompt,
+            messages=data.messages,
             params={**data.params(), **(extra_params or {})},
-            image_sha256=data.image.sha256,
-            image_format=data.image.format,
-            image_width=data.image.width,
-            image_height=data.image.height,
-            image_bytes=data.image.size_bytes,
             client_ip=client.ip,
             user_agent=(client.user_agent or "")[:512],
         )
-        QueryImage.objects.create(
-            query=query, content=png, width=data.image.image.width, height=data.image.image.height
+        QueryImage.objects.bulk_create(
+            QueryImage(
+                query=query,
+                position=position,
+                sha256=image.sha256,
+                format=image.format,
+                size_bytes=image.size_bytes,
+                width=image.width,
+                height=image.height,
+                content=png,
+            )
+            for position, (image, png) in enumerate(zip(data.images, pngs, strict=True))
         )
         if admission:
             # Last, just before the commit: the admission's slot now lasts the query. If the
@@ -175,27 +226,37 @@ def submit(
     api_key,
     *,
     endpoint: str,
+    messages: list | None = None,
+    prompt=None,
+    images: Sequence[bytes] = (),
+    max_tokens=None,
+    temperature=None,
+    top_p=None,
     client: ClientInfo | None = None,
     model: str | None = None,
     extra_params: dict | None = None,
-    reserve_text: str | None = None,
     choices: int = 1,
-    **fields,
 ) -> Query:
-    """The one admission path of every endpoint: model, quotas, input checks, then the committed row.
+    """The one admission path of every endpoint: model, input checks, quotas, images, then the
+    committed row.
 
-    Authentication happened before (DRF, or the websocket consumer). Quotas admit the request
-    before anything else is spent; if the input is then refused, the reservation is given back.
-    Nothing is dispatched yet: a caller that waits subscribes to the query's messages first. The
-    returned query carries ``rate_limit_headers`` for the response.
+    The conversation is ``messages`` (the template form of ``chat.parse_messages``, its k-th image
+    part standing for ``images[k]``), or a ``prompt`` asked about ``images`` (0..N). Authentication
+    happened before (DRF, or the websocket consumer). The cheap checks run first, so a refused
+    request spends no quota; quotas then admit it (reserving for its text and images), and only
+    then are the images decoded; if one is refused, the reservation is given back. Nothing is
+    dispatched yet: a caller that waits subscribes to the query's messages first. The returned
+    query carries ``rate_limit_headers`` for the response.
     """
     model = check_model(api_key, model)
-    params = check_params(**fields)  # refused here, a request spends no quota
-    prompt_text = reserve_text if reserve_text is not None else params.prompt
+    conversation = check_conversation(messages=messages, prompt=prompt, images=len(images))
+    params = check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     # n choices may each write max_tokens: the reservation covers them all.
-    admission = quotas.admit(api_key, prompt=prompt_text, max_tokens=params.max_tokens * choices)
+    admission = quotas.admit(
+        api_key, prompt="\n".join(conversation.texts), images=len(images), max_tokens=params.max_tokens * choices
+    )
     try:
-        data = _input(params, check_image_input(fields.get("image_bytes")))
+        data = _input(conversation, params, check_images(images, params=conversation.image_params))
         query = accept(
             api_key, data, endpoint=endpoint, client=client, admission=admission, model=model, extra_params=extra_params
         )

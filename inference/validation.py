@@ -194,16 +194,27 @@ def prompt_tokens(texts: list[str], *, images: int) -> int:
     )
 
 
+def check_image_count(images: int, *, field: str) -> None:
+    """At most MAX_IMAGES_PER_REQUEST images in one request (none is fine: text-only)."""
+    limit = settings.MAX_IMAGES_PER_REQUEST
+    if images > limit:
+        raise refuse(
+            field,
+            f"'{field}' has {images} images; the limit is {limit} per request "
+            "(MAX_IMAGES_PER_REQUEST). Send fewer images, or several requests.",
+        )
+
+
 def check_conversation_size(texts: list[str], *, images: int, field: str) -> None:
-    """All of a conversation's text together within MAX_PROMPT_CHARS and MAX_PROMPT_TOKENS."""
+    """All of a conversation's text together within MAX_PROMPT_CHARS and MAX_PROMPT_TOKENS, and its
+    images within MAX_IMAGES_PER_REQUEST. ``texts``: what the template renders of each message."""
     chars = sum(len(t) for t in texts)
     if chars > settings.MAX_PROMPT_CHARS:
         raise refuse(
             field,
             f"'{field}' is {chars:,} characters (all messages together); the limit is {settings.MAX_PROMPT_CHARS:,}.",
         )
-    if images > settings.MAX_IMAGES_PER_REQUEST:
-        raise refuse(field, f"'{field}' has {images} images; the limit is {settings.MAX_IMAGES_PER_REQUEST}.")
+    check_image_count(images, field=field)
     tokens = prompt_tokens(texts, images=images)
     if tokens > settings.MAX_PROMPT_TOKENS:
         raise refuse(

@@ -15,19 +15,18 @@ from django.views.decorators.http import require_GET
 from accounts import dashboard
 from accounts.views import _context
 from config.errors import ApiError, error_body
+from inference import chat, selectors, services
 from inference import metrics as inference_metrics
-from inference import selectors, services
 from inference.charts import bar_chart
-from inference.models import Query, QueryImage
+from inference.models import Query
 
 PAGE_SIZE = 50
 
 
-def _image_response(query_id, tenant_id=None) -> HttpResponse:
-    images = QueryImage.objects.filter(query_id=query_id)
-    if tenant_id is not None:
-        images = images.filter(query__tenant_id=tenant_id)
-    image = images.only("content", "content_type").first()
+def _image_response(query_id, position: int = 0, tenant_id=None) -> HttpResponse:
+    """The stored (normalised) image at ``position`` of a query; 404 when there is none (or, with
+    ``tenant_id``, when the query is another tenant's)."""
+    image = selectors.query_image(query_id, position, tenant_id=tenant_id)
     if image is None:
         raise Http404("No such image.")
     response = HttpResponse(bytes(image.content), content_type=image.content_type)
@@ -39,7 +38,9 @@ def _image_response(query_id, tenant_id=None) -> HttpResponse:
 def query_list(request):
     membership = dashboard.current_membership(request)
     filters = {name: request.GET.get(name, "") for name in ("status", "endpoint", "key", "before")}
-    queries = selectors.tenant_queries(membership.tenant_id).defer("answer", "params").select_related("api_key")
+    queries = (
+        selectors.tenant_queries(membership.tenant_id).defer("answer", "params", "messages").select_related("api_key")
+    )
     if filters["status"] in Query.Status.values:
         queries = queries.filter(status=filters["status"])
     if filters["endpoint"] in Query.Endpoint.values:
@@ -81,7 +82,6 @@ def query_detail(request, query_id):
     query = selectors.tenant_query(membership.tenant_id, query_id)
     if query is None:
         raise Http404("No such query.")
-    has_image = QueryImage.objects.filter(query_id=query.pk).exists()
     return render(
         request,
         "dashboard/query_detail.html",
@@ -89,15 +89,17 @@ def query_detail(request, query_id):
             request,
             membership,
             query=query,
-            has_image=has_image,
+            images=list(query.images.all()),
+            turns=chat.turns(query.messages),
+            max_side=settings.MAX_IMAGE_SIDE,
         ),
     )
 
 
 @login_required
-def query_image(request, query_id):
+def query_image(request, query_id, position: int = 0):
     membership = dashboard.current_membership(request)
-    return _image_response(query_id, tenant_id=membership.tenant_id)
+    return _image_response(query_id, position, tenant_id=membership.tenant_id)
 
 
 @login_required
@@ -106,7 +108,9 @@ def playground(request):
     return render(
         request,
         "dashboard/playground.html",
-        _context(request, membership, tiny_model=services.serves_tiny_model()),
+        _context(
+            request, membership, tiny_model=services.serves_tiny_model(), max_images=settings.MAX_IMAGES_PER_REQUEST
+        ),
     )
 
 
@@ -123,8 +127,8 @@ def metrics(request):
 
 
 @staff_member_required
-def admin_query_image(request, query_id):
-    return _image_response(query_id)
+def admin_query_image(request, query_id, position: int = 0):
+    return _image_response(query_id, position)
 
 
 @staff_member_required

@@ -380,5 +380,6 @@ def test_image_url_is_fetched_only_from_an_allowed_host(authed_client, settings,
     assert requested == ["/x.png"]
     query = Query.objects.get(pk=response.json()["id"].removeprefix("chatcmpl-"))
     assert query.status == Query.Status.SUCCEEDED
-    assert query.image_sha256 == hashlib.sha256(png).hexdigest()
-    assert (query.image_width, query.image_height) == (40, 30)
+    image = query.images.get()
+    assert image.sha256 == hashlib.sha256(png).hexdigest()
+    assert (image.width, image.height, image.position) == (40, 30, 0)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db
 
 
 def _query(api_key, prompt="hello", status=Query.Status.SUCCEEDED):
-    data = inference_services.check_input(prompt=prompt, image_bytes=media.png(20, 10))
+    data = inference_services.check_input(prompt=prompt, images=[media.png(20, 10)])
     query = inference_services.accept(api_key, data, endpoint=Query.Endpoint.QUERIES)
     Query.objects.filter(pk=query.pk).update(status=status, answer="an answer", prompt_tokens=10, completion_tokens=5)
     query.refresh_from_db()
@@ -195,7 +195,7 @@ def test_admin_is_staff_only_and_reviews_usage(world):
     assert client.get("/admin/inference/query/").status_code == 200
     assert client.get("/admin/inference/query/?q=prompt").status_code == 200
     detail = client.get(f"/admin/inference/query/{query.pk}/change/")
-    assert detail.status_code == 200 and f"/admin/queries/{query.pk}/image.png".encode() in detail.content
+    assert detail.status_code == 200 and f"/admin/queries/{query.pk}/image/0".encode() in detail.content
     assert client.get(f"/admin/queries/{query.pk}/image.png")["Content-Type"] == "image/png"
     for url in (
         "/admin/accounts/tenant/",

@@ -4,6 +4,7 @@ The tiny model's answers are random noise: these tests check the shape of the an
 written for it and the error codes, never the answer's content."""
 
 import base64
+import hashlib
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -50,10 +51,14 @@ def test_multipart_request_succeeds_and_writes_one_row(authed_client, api_key, p
     assert query.finish_reason == "length"
     assert query.endpoint == Query.Endpoint.GLM_INFER
     assert query.api_key_id == api_key[0].pk and query.tenant_id == api_key[0].tenant_id
-    assert query.image_width == 64 and query.image_height == 48 and query.image_format == "PNG"
-    assert query.image_bytes == len(png_bytes)
+    image = query.images.get()
+    assert (image.position, image.width, image.height, image.format) == (0, 64, 48, "PNG")
+    assert image.size_bytes == len(png_bytes) and image.sha256 == hashlib.sha256(png_bytes).hexdigest()
     assert query.params == {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "enable_thinking": False}
-    assert query.image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert query.messages == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}
+    ]
+    assert bytes(image.content)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("as_data_uri", [False, True], ids=["base64", "data-uri"])
@@ -65,7 +70,7 @@ def test_json_request_succeeds(authed_client, as_data_uri):
     response = authed_client.post(URL, {"image": encoded, "prompt": "Describe it.", "max_tokens": 8}, format="json")
     assert response.status_code == 200, response.content
     query = _assert_succeeded_row(response.json())
-    assert query.image_format == "JPEG"
+    assert query.images.get().format == "JPEG"
     assert Query.objects.count() == 1
 
 
@@ -148,7 +153,7 @@ def test_bad_prompts_are_400(authed_client, png_bytes, prompt, fragment):
 @pytest.mark.parametrize(
     "body, code, fragment",
     [
-        ({"prompt": "hi"}, "invalid_request", "'image' is required"),
+        ({"prompt": "hi", "image": ["AAAA"] * 9}, "invalid_request", "'image' has 9 images; the limit is 8"),
         ({"prompt": "hi", "image": "not base64 at all!"}, "invalid_image", "'image' is not valid base64"),
         ({"prompt": "hi", "image": "https://example.com/cat.png"}, "invalid_image", "Remote image URLs"),
         ({"image": "AAAA"}, "invalid_request", "'prompt' is required"),
@@ -157,7 +162,7 @@ def test_bad_prompts_are_400(authed_client, png_bytes, prompt, fragment):
         ({"prompt": "hi", "image": "AAAA", "temperature": 2.5}, "invalid_request", "'temperature' must be between"),
         ({"prompt": "hi", "image": "AAAA", "top_p": "abc"}, "invalid_request", "'top_p' must be a number"),
     ],
-    ids=["no-image", "bad-base64", "remote-url", "no-prompt", "max-tokens-0", "max-tokens-big", "temp", "top-p"],
+    ids=["nine-images", "bad-base64", "remote-url", "no-prompt", "max-tokens-0", "max-tokens-big", "temp", "top-p"],
 )
 def test_bad_json_fields_say_which_field(authed_client, body, code, fragment):
     response = authed_client.post(URL, body, format="json")

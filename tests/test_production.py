@@ -351,7 +351,7 @@ def test_sweeper_fails_queries_of_dead_workers(tenant, api_key, settings):
     settings.REDIS_URL = f"{redis_base_url()}/{REDIS_TEST_DB}"
     settings.REDIS_KEY_PREFIX = f"sweeper-test-{uuid.uuid4().hex[:8]}"
 
-    data = services.check_input(prompt="x", image_bytes=media.png(8, 8))
+    data = services.check_input(prompt="x", images=[media.png(8, 8)])
     query = services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
     Query.objects.filter(pk=query.pk).update(
         status=Query.Status.RUNNING, worker="ghost@nowhere", started_at=timezone.now() - timedelta(minutes=5)

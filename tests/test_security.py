@@ -289,7 +289,7 @@ def test_csv_export_neutralises_formulas(db):
     prompts = ['=HYPERLINK("http://evil.example","x")', "+1+1", "-2+3", "@SUM(A1:A9)", "\tx=1", "\rx=1", "a = b"]
     ids = []
     for prompt in prompts:
-        data = inference_services.check_input(prompt="placeholder", image_bytes=media.png(20, 10))
+        data = inference_services.check_input(prompt="placeholder", images=[media.png(20, 10)])
         query = inference_services.accept(key, data, endpoint=Query.Endpoint.QUERIES)
         # as stored (the input check strips leading blanks), with tokens counted
         Query.objects.filter(pk=query.pk).update(prompt=prompt, prompt_tokens=12)

@@ -12,7 +12,7 @@ from django.db import transaction
 
 from accounts import services
 from accounts.models import Membership, Tenant
-from inference import usage
+from inference import chat, usage
 from inference.models import Query, QueryImage
 from inference.samples import sample_png
 
@@ -53,19 +53,18 @@ class Command(BaseCommand):
                 failed = rng.random() < 0.05
                 prompt_tokens, completion_tokens = rng.randint(40, 300), rng.randint(5, 256)
                 total = rng.lognormvariate(-0.5, 0.6)
+                # Every tenth query asks about an image (every twentieth about two); the rest are text-only.
+                images = 2 if i % 20 == 0 else 1 if i % 10 == 0 else 0
+                prompt = rng.choice(PROMPTS)
                 query = Query.objects.create(
                     tenant=tenant,
                     api_key=api_key,
                     model="glm-4.6v-flash",
                     endpoint=rng.choice(Query.Endpoint.values),
                     status=Query.Status.FAILED if failed else Query.Status.SUCCEEDED,
-                    prompt=rng.choice(PROMPTS),
+                    prompt=prompt,
+                    messages=chat.one_turn(prompt, images),
                     params={"max_tokens": 256, "temperature": 0.0, "top_p": 1.0},
-                    image_sha256=hashlib.sha256(png).hexdigest(),
-                    image_format="PNG",
-                    image_width=320,
-                    image_height=240,
-                    image_bytes=len(png),
                     answer="" if failed else f"(synthetic demo answer #{i})",
                     finish_reason="" if failed else "stop",
                     prompt_tokens=None if failed else prompt_tokens,
@@ -78,8 +77,17 @@ class Command(BaseCommand):
                     finished_at=created + timedelta(seconds=total),
                     settled_at=created + timedelta(seconds=total),
                 )
-                if i % 10 == 0:
-                    QueryImage.objects.create(query=query, content=png, width=320, height=240)
+                for position in range(images):
+                    QueryImage.objects.create(
+                        query=query,
+                        position=position,
+                        sha256=hashlib.sha256(png).hexdigest(),
+                        format="PNG",
+                        size_bytes=len(png),
+                        width=320,
+                        height=240,
+                        content=png,
+                    )
                 usage.record_outcome(query)
         self.stdout.write(
             f"dashboard: sign in at /dashboard/ as 'demo', password {password!r} ({queries} synthetic queries "

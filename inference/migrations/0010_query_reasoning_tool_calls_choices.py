@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("inference", "0006_query_request_id"),
+        ("inference", "0009_drop_single_image"),
     ]
 
     operations = [
