@@ -61,7 +61,7 @@ def fill(rows: int) -> None:
             INSERT INTO inference_query (
                 id, tenant_id, api_key_id, model, endpoint, status, prompt, messages, params,
                 answer, finish_reason, prompt_tokens, completion_tokens,
-                error_code, error_message, client_ip, user_agent, worker, reserved_tokens, settled_at,
+                error_code, error_message, client_ip, user_agent, worker, request_id, reserved_tokens, settled_at,
                 created_at, started_at, first_token_at, finished_at)
             SELECT gen_random_uuid(), keys.tenant_id, keys.key_id, 'glm-4.6v-flash',
                 (ARRAY['glm_infer','chat_completions','queries','websocket'])[1 + (g %% 4)],
@@ -74,7 +74,7 @@ def fill(rows: int) -> None:
                 CASE WHEN rows.s < 0.03 THEN '' ELSE 'stop' END,
                 200 + (g %% 100), CASE WHEN rows.s < 0.03 THEN 0 ELSE 20 + (g %% 200) END,
                 CASE WHEN rows.s < 0.03 THEN 'worker_lost' ELSE '' END, '', '127.0.0.1', 'bench', 'bench@host',
-                256, rows.created, rows.created, rows.created + interval '20 ms',
+                md5(g::text), 256, rows.created, rows.created, rows.created + interval '20 ms',
                 rows.created + interval '40 ms', rows.created + (0.2 + rows.s) * interval '1 second'
             FROM rows JOIN keys ON keys.n = (
                 CASE WHEN rows.r < 0.55 THEN 0 WHEN rows.r < 0.80 THEN 2 WHEN rows.r < 0.95 THEN 4 ELSE 6 END

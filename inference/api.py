@@ -298,7 +298,8 @@ class QueryListView(KeyedAPIView):
     )
     def get(self, request):
         paginator = QueryPagination()
-        page = paginator.paginate_queryset(selectors.tenant_queries(request.auth.tenant_id), request, view=self)
+        queries = selectors.with_images(selectors.tenant_queries(request.auth.tenant_id))  # one query for all images
+        page = paginator.paginate_queryset(queries, request, view=self)
         return paginator.get_paginated_response(serializers.QuerySerializer(page, many=True).data)
 
 

@@ -355,6 +355,27 @@ def test_queries_messages_form_and_the_detail_lists_the_images(authed_client):
     assert body["status"] == "succeeded" and body["images"] == [] and body["image"] is None
 
 
+def test_the_query_list_reads_all_images_in_one_query(authed_client, api_key):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def listing() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert authed_client.get(QUERIES).status_code == 200
+        return len(captured)
+
+    pictures = [d for d, _ in _pictures()]
+    data = inference_services.check_input(prompt="x", images=pictures)
+    inference_services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
+    listing()  # the first request of a key may write its last-used time
+    one = listing()
+    for _ in range(4):
+        inference_services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
+    assert listing() == one
+    results = authed_client.get(QUERIES).json()["results"]
+    assert [len(result["images"]) for result in results] == [3] * 5
+
+
 @pytest.mark.parametrize(
     "body, fmt, param",
     [
