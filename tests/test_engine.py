@@ -113,3 +113,24 @@ def test_importing_the_engine_does_not_import_torch():
     code = "import sys, inference.engine; print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False False", result.stderr
+
+
+def test_every_image_of_a_conversation_reaches_the_model(engine):
+    """Two different images: swapping them changes the greedy answer, and so does dropping one (the
+    prompt then holds fewer image tokens). A model that saw only the first image would answer the
+    swapped pair as it answers the first one alone, in the first slot."""
+    red, blue = Image.new("RGB", (120, 90), (220, 30, 30)), Image.new("RGB", (60, 150), (20, 40, 230))
+    both = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare them."}]
+
+    def answer(images, content):
+        request = EngineRequest(
+            messages=[{"role": "user", "content": content}],
+            images=images,
+            sampling=SamplingParams(max_new_tokens=24, temperature=0),
+        )
+        return engine.generate(request)
+
+    forward, backward = answer([red, blue], both), answer([blue, red], both)
+    assert forward.choices[0].text != backward.choices[0].text
+    one = answer([red], [{"type": "image"}, {"type": "text", "text": "Compare them."}])
+    assert one.prompt_tokens < forward.prompt_tokens == backward.prompt_tokens
