@@ -299,3 +299,51 @@ def test_streaming_and_not_give_the_same_answer(client, text, params):
     calls = [(c.function.name, c.function.arguments) for c in plain.message.tool_calls or []]
     assert streamed["tool_calls"] == calls
     assert streamed["finish"] == plain.finish_reason
+
+
+# --- the websocket and /v1/glm/infer ------------------------------------------------------------
+async def _socket(ws_url: str, key: str, frame: dict) -> list[dict]:
+    import asyncio
+
+    import websockets
+
+    frames = []
+    async with websockets.connect(ws_url + "/ws/v1/infer", additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        await ws.recv()  # ready
+        await ws.send(json.dumps({"type": "infer", **frame}))
+        while True:
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            if frames[-1]["type"] in ("done", "error"):
+                return frames
+
+
+def test_the_websocket_sends_reasoning_and_tool_call_frames(live_stack, api_key):
+    import asyncio
+
+    frames = asyncio.run(_socket(live_stack.ws_url, api_key[1], {"prompt": f"{forcing.REASONING} colour?"}))
+    reasoning = "".join(f["text"] for f in frames if f["type"] == "reasoning")
+    answer = "".join(f["text"] for f in frames if f["type"] == "token")
+    done = frames[-1]
+    assert (reasoning, answer) == ("The picture is red, so the answer is red.", "Red")
+    assert (done["type"], done["result"], done["reasoning"]) == ("done", "Red", reasoning)
+    assert done["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
+    frame = {"prompt": f"{forcing.TOOL_CALL} weather?", "tools": [forcing.WEATHER_TOOL], "max_tokens": 80}
+    frames = asyncio.run(_socket(live_stack.ws_url, api_key[1], frame))
+    (call,) = [f["tool_call"] for f in frames if f["type"] == "tool_call"]
+    assert call["function"]["name"] == "get_weather" and frames[-1]["finish_reason"] == "tool_calls"
+    assert frames[-1]["tool_calls"] == [{k: v for k, v in call.items() if k != "index"}]
+    off = asyncio.run(
+        _socket(live_stack.ws_url, api_key[1], {"prompt": "hi", "chat_template_kwargs": {"enable_thinking": False}})
+    )
+    assert Query.objects.get(pk=off[-1]["query_id"]).params["enable_thinking"] is False
+
+
+def test_glm_infer_keeps_the_reasoning_apart(live_stack, api_key):
+    import httpx
+
+    body = {"prompt": f"{forcing.REASONING} colour?", "max_tokens": 60, "enable_thinking": True}
+    headers = {"Authorization": f"Bearer {api_key[1]}"}
+    answer = httpx.post(live_stack.url + "/v1/glm/infer", json=body, headers=headers, timeout=60).json()
+    assert (answer["result"], answer["reasoning"]) == ("Red", "The picture is red, so the answer is red.")
+    plain = httpx.post(live_stack.url + "/v1/glm/infer", json={"prompt": "hi"}, headers=headers, timeout=60).json()
+    assert plain["reasoning"] == "" and Query.objects.get(pk=plain["query_id"]).params["enable_thinking"] is False

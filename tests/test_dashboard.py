@@ -272,3 +272,21 @@ def test_seed_demo_fills_the_pages(db):
     assert Query.objects.filter(tenant__slug="demo").count() == 50
     overview = client.get("/dashboard/").content.decode()
     assert "<svg" in overview and "seeded" in overview
+
+
+def test_the_query_page_shows_reasoning_tool_calls_and_choices(world):
+    """What the runner stores apart from the answer is shown to the tenant's members, not others."""
+    query = world["a"]["query"]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    Query.objects.filter(pk=query.pk).update(
+        reasoning="First I looked at the sky.",
+        tool_calls=[call],
+        reasoning_tokens=7,
+        choices=[{"index": 0, "text": "an answer"}, {"index": 1, "text": "a second answer", "finish_reason": "stop"}],
+    )
+    url = f"/dashboard/queries/{query.pk}/"
+    page = _client(world["a"]["member"]).get(url).content.decode()
+    assert "First I looked at the sky." in page and "7 of it reasoning" in page
+    assert "get_weather({&quot;city&quot;: &quot;Paris&quot;})" in page
+    assert "a second answer" in page
+    assert _client(world["b"]["owner"]).get(url).status_code == 404
