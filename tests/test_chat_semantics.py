@@ -347,3 +347,19 @@ def test_glm_infer_keeps_the_reasoning_apart(live_stack, api_key):
     assert (answer["result"], answer["reasoning"]) == ("Red", "The picture is red, so the answer is red.")
     plain = httpx.post(live_stack.url + "/v1/glm/infer", json={"prompt": "hi"}, headers=headers, timeout=60).json()
     assert plain["reasoning"] == "" and Query.objects.get(pk=plain["query_id"]).params["enable_thinking"] is False
+
+
+def test_omitted_sampling_values_come_from_the_generation_config(client, tiny_model_dir):
+    """The tiny model carries GLM-4.6V-Flash's generation_config (temperature, top_p, top_k,
+    repetition_penalty): a request without them samples with those values, as vLLM does."""
+    config = json.loads((tiny_model_dir / "generation_config.json").read_text())
+    assert config["do_sample"] is True and config["temperature"] > 0
+
+    def answer(**params) -> str:
+        completion = client.chat.completions.create(model=MODEL, messages=ask(), max_tokens=24, **params)
+        return completion.choices[0].message.content
+
+    same = {"temperature": config["temperature"], "top_p": config["top_p"]}
+    extra = {"top_k": config["top_k"], "repetition_penalty": config["repetition_penalty"]}
+    assert answer(seed=21) == answer(seed=21, **same, extra_body=extra)
+    assert answer(seed=21) != answer(seed=21, temperature=0)  # not greedy
