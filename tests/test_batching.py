@@ -149,6 +149,9 @@ def test_concurrent_requests_are_batched_by_the_worker(live_stack, api_key):
     import httpx
     import openai
 
+    tenant = api_key[0].tenant
+    tenant.max_concurrent_requests = 8  # the default (4) would refuse half of them
+    tenant.save(update_fields=["max_concurrent_requests"])
     client = openai.OpenAI(base_url=live_stack.url + "/v1", api_key=api_key[1], max_retries=0, timeout=120)
 
     def ask(i: int) -> str:
