@@ -16,8 +16,9 @@ from django.db import connection, transaction
 from accounts import quotas
 from config import shutdown
 from config.errors import STATUS, ApiError
-from inference import chat, events, runner, tiny_model, validation
+from inference import chat, events, runner, validation
 from inference.dispatch import get_dispatcher
+from inference.engine import tiny_model
 from inference.images import CheckedImage, check_image
 from inference.models import Query, QueryImage
 

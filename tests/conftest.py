@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from inference.tiny_model import build_tiny_model
+    from inference.engine.tiny_model import build_tiny_model
 
     return Path(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-glm4v"))
 
@@ -35,10 +35,11 @@ def _forced_outputs():
     """The test-only forced outputs (tests/forcing.py), for this process and the stacks it starts."""
     import json
 
-    from inference.engine import FORCE_TEST_OUTPUT_ENV
-    from tests.forcing import FORCED
+    from inference.engine import FORCE_TEST_OUTPUT_ENV, SLOW_TEST_MARKER_ENV
+    from tests.forcing import FORCED, SLOW
 
     os.environ[FORCE_TEST_OUTPUT_ENV] = json.dumps(FORCED)
+    os.environ[SLOW_TEST_MARKER_ENV] = SLOW
 
 
 @pytest.fixture

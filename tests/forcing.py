@@ -38,3 +38,8 @@ WEATHER_TOOL = {
         },
     },
 }
+
+
+# A query whose prompt holds this marker decodes one token per 50 ms (inference.engine's test-only
+# SLOW_TEST_MARKER_ENV): a test can act while it surely still runs (400 tokens: 20 s).
+SLOW = "[slow-steps]"

@@ -12,7 +12,7 @@ import pytest
 
 from inference.engine.output import OutputParser, new_call_id, parse_output, template_messages
 from inference.engine.request import Delta
-from inference.tiny_model import EOS_TOKENS, GENERATION_DEFAULTS, SPECIAL_TOKENS
+from inference.engine.tiny_model import EOS_TOKENS, GENERATION_DEFAULTS, SPECIAL_TOKENS
 
 TOOLS_PREAMBLE = (
     "<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -91,7 +91,7 @@ def test_generation_config_is_the_published_one(tiny_model_dir):
 
 
 def test_tiny_model_is_still_small_and_recognised(tiny_model_dir):
-    from inference.tiny_model import is_built, is_tiny_model
+    from inference.engine.tiny_model import is_built, is_tiny_model
 
     assert is_built(tiny_model_dir) and is_tiny_model(tiny_model_dir)
     assert sum(f.stat().st_size for f in tiny_model_dir.iterdir()) < 1024 * 1024

@@ -18,6 +18,7 @@ from accounts import services as accounts
 from inference.models import Query, UsageDaily
 from tests import media
 from tests.conftest import REPO, free_port
+from tests.forcing import SLOW
 from tests.stack import SESSION_PREFIX, Stack, post_json, post_json_with_headers
 
 
@@ -249,7 +250,9 @@ def test_redis_pause_answers_503_and_fails_no_running_query(tenant, tmp_path):
     stack.start_worker("w")
     try:
         stack.wait_ready()
-        status, job = post_json(stack.url + "/v1/queries", {"image": SMALL, "prompt": "long", "max_tokens": 300}, key)
+        # Slowed (tests/forcing.SLOW): 400 tokens take >= 20 s, so the query still runs at SIGCONT.
+        prompt = f"long {SLOW}"
+        status, job = post_json(stack.url + "/v1/queries", {"image": SMALL, "prompt": prompt, "max_tokens": 400}, key)
         assert status == 202, job
         assert _until(lambda: Query.objects.filter(pk=job["id"], status=Query.Status.RUNNING).exists(), 60, 0.05)
         time.sleep(ttl)  # running for longer than the sweeper's grace
@@ -263,6 +266,9 @@ def test_redis_pause_answers_503_and_fails_no_running_query(tenant, tmp_path):
             time.sleep(max(0.0, ttl + 2 - (time.monotonic() - paused_at)))
         finally:
             own.process.send_signal(signal.SIGCONT)
+        # Still running when Redis comes back: the worker's heartbeat lapsed while it ran, and its
+        # own sweeper must not end it worker_lost (the test means nothing if it had ended already).
+        assert Query.objects.get(pk=job["id"]).status == Query.Status.RUNNING
         assert status == 503 and body["code"] == "service_unavailable", (status, body)
         assert int(headers["Retry-After"]) >= 1
         assert ready_status == 503 and ready["redis"] is False

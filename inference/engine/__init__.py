@@ -9,6 +9,7 @@ they are imported when a model is loaded.
 from inference.engine.core import (
     FORCE_TEST_OUTPUT_ENV,
     OOM_TEST_MARKER_ENV,
+    SLOW_TEST_MARKER_ENV,
     Engine,
     EngineError,
     ModelLoadError,
@@ -18,6 +19,7 @@ from inference.engine.request import Choice, Delta, EngineRequest, Result, Sampl
 __all__ = [
     "FORCE_TEST_OUTPUT_ENV",
     "OOM_TEST_MARKER_ENV",
+    "SLOW_TEST_MARKER_ENV",
     "Choice",
     "Delta",
     "Engine",

@@ -51,6 +51,18 @@ OOM_TEST_MARKER_ENV = "SIGHTLINE_TEST_OOM_MARKER"
 # to what is kept). Only tests set it; unset (production), nothing changes.
 FORCE_TEST_OUTPUT_ENV = "SIGHTLINE_TEST_FORCE_OUTPUT"
 
+# Test-only: the tiny model decodes a token in a millisecond or two, so a test that must catch a
+# query while it runs (a Redis pause, a kill) cannot know it still runs when it acts. When this
+# variable holds a marker, every decoding step of a batch holding a query whose conversation
+# contains it sleeps SLOW_TEST_STEP_SECONDS. Only tests set it; unset (production), nothing changes.
+SLOW_TEST_MARKER_ENV = "SIGHTLINE_TEST_SLOW_MARKER"
+SLOW_TEST_STEP_SECONDS = 0.05
+
+
+def _slowed(prompt: str) -> bool:
+    marker = os.environ.get(SLOW_TEST_MARKER_ENV, "")
+    return bool(marker) and marker in (prompt or "")
+
 
 def _oom_injected(prompt: str) -> bool:
     marker = os.environ.get(OOM_TEST_MARKER_ENV, "")
@@ -90,6 +102,7 @@ class Prepared:
     forced_ids: list[int] | None
     grammar: str | None
     inject_oom: bool
+    slowed: bool = False
 
 
 # Inputs flattened over images (concatenated in row order when batched), not one row per sequence.
@@ -267,6 +280,7 @@ class Engine:
                 response_format=request.response_format, tools=request.tools, tool_choice=request.tool_choice
             ),
             inject_oom=_oom_injected(conversation_text(request.messages)),
+            slowed=_slowed(conversation_text(request.messages)),
         )
 
     def _collate(self, rows_inputs: list[dict]) -> dict:
@@ -323,7 +337,8 @@ class Engine:
             rows_inputs.extend([item.inputs] * request.sampling.n)
             groups.append((own, generation.should_stop))
         inputs = self._collate(rows_inputs)
-        steps = decoding.Steps(rows, groups)
+        delay = SLOW_TEST_STEP_SECONDS if any(p.slowed for p in prepared) else 0
+        steps = decoding.Steps(rows, groups, step_delay=delay)
         hook = self.model.register_forward_pre_hook(_raise_oom) if any(p.inject_oom for p in prepared) else None
         try:
             with torch.inference_mode():

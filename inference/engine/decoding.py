@@ -18,6 +18,7 @@ positions, padding of finished rows — and we take the two decisions that are o
 import math
 import os
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -303,11 +304,16 @@ class Steps(StoppingCriteria):
     """After each token: every row takes its token; a row that ended stops (the others go on).
     ``groups``: each query's rows and its ``should_stop``, asked once per step while it runs."""
 
-    def __init__(self, rows: list[Row], groups: list[tuple[list[Row], Callable[[], bool] | None]]):
+    def __init__(
+        self, rows: list[Row], groups: list[tuple[list[Row], Callable[[], bool] | None]], *, step_delay: float = 0
+    ):
         self.rows = rows
         self.groups = groups
+        self.step_delay = step_delay  # test-only (core.SLOW_TEST_MARKER_ENV); 0 in production
 
     def __call__(self, input_ids, scores, **kwargs):
+        if self.step_delay:
+            time.sleep(self.step_delay)
         last = input_ids[:, -1].tolist()
         for b, row in enumerate(self.rows):
             row.accept(int(last[b]))

@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from inference.tiny_model import build_tiny_model, is_built
+from inference.engine.tiny_model import build_tiny_model, is_built
 
 
 class Command(BaseCommand):
