@@ -4,6 +4,8 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from inference import services
+
 
 class CompletionDetailsSerializer(serializers.Serializer):
     reasoning_tokens = serializers.IntegerField()
@@ -197,13 +199,7 @@ class QuerySerializer(serializers.Serializer):
 
     @extend_schema_field(UsageSerializer(allow_null=True))
     def get_usage(self, query) -> dict | None:
-        if query.prompt_tokens is None:
-            return None
-        return {
-            "prompt_tokens": query.prompt_tokens,
-            "completion_tokens": query.completion_tokens or 0,
-            "total_tokens": query.total_tokens,
-        }
+        return None if query.prompt_tokens is None else services.usage(query)
 
     @extend_schema_field(QueryErrorSerializer(allow_null=True))
     def get_error(self, query) -> dict | None:

@@ -6,11 +6,14 @@ INFERENCE_MAX_BATCH threads (settings), each running one query, all feeding the 
 that decodes them in batches (inference/engine/batching.py).
 """
 
+import base64
+import json
 import logging
 import os
 import sys
 import threading
 import time
+import uuid
 
 from celery import shared_task
 from celery.signals import worker_init, worker_shutdown
@@ -109,6 +112,22 @@ def run_query(query_id: str) -> str | None:
         close_old_connections()
 
 
+def _query_of_message(raw: bytes) -> str | None:
+    """The query id of a stored ``inference.run_query`` message (kombu's ``[payload, exchange,
+    routing key]``, the body a base64 JSON ``[args, kwargs, embed]``), or None for any other."""
+    try:
+        payload = json.loads(raw)[0]
+        if payload.get("headers", {}).get("task") != run_query.name:
+            return None
+        body = payload["body"]
+        if payload.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(uuid.UUID(str(args[0])))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 class CeleryDispatcher:
     """Production: queries go to the Redis queue of their model; GPU workers take them."""
 
@@ -124,6 +143,39 @@ class CeleryDispatcher:
 
     def cancel(self, query_id) -> None:
         workers.request_cancel(query_id)
+
+    def redeliver_unclaimed(self, *, older_than: float, limit: int = 1000) -> int:
+        """Give back to the queue the messages a worker took but never started, because it died.
+
+        A worker holds a batch's worth of messages (INFERENCE_MAX_BATCH threads, acks late), and a
+        live one claims each at once (``queued -> running``). A SIGKILLed worker's unclaimed ones
+        would wait for the broker's visibility timeout (the hard time limit + 60 s, since a running
+        query must not be handed out twice) before another worker saw them. So: a message unacked
+        for ``older_than`` seconds whose query is still ``queued`` goes back to the queue now. Were
+        its holder alive after all, both deliveries race for the claim and one runs it."""
+        from inference.models import Query
+
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            if not hasattr(channel, "unacked_index_key"):  # not Redis (the tests' memory:// broker)
+                return 0
+            qos = channel.qos
+            redis_client = channel.client
+            old = redis_client.zrange(
+                channel.unacked_index_key, 0, time.time() - older_than, byscore=True, offset=0, num=limit
+            )
+            held: dict[str, bytes] = {}
+            for tag in old:
+                raw = redis_client.hget(channel.unacked_key, tag)
+                query_id = _query_of_message(raw) if raw else None
+                if query_id:
+                    held[query_id] = tag
+            unclaimed = Query.objects.filter(pk__in=list(held), status=Query.Status.QUEUED).values_list("pk", flat=True)
+            count = 0
+            for query_id in unclaimed:
+                qos.restore_by_tag(held[str(query_id)], client=redis_client)
+                count += 1
+        return count
 
     def unavailable(self) -> str | None:
         """Why no query can run now (no live worker on this queue has the model loaded), or None."""

@@ -101,7 +101,7 @@ def sweep(
     from inference import runner
     from inference.models import Query
 
-    ended = {"worker_lost": 0, "never_taken": 0}
+    ended = {"worker_lost": 0, "never_taken": 0, "redelivered": 0}
     ended.update(recover_lost_redis())
     now = timezone.now()
     grace = timedelta(seconds=settings.WORKER_HEARTBEAT_TTL)
@@ -124,6 +124,11 @@ def sweep(
                 publisher=publisher,
             ):
                 ended["worker_lost"] += 1
+        # Queries a dead worker took from the queue but never started: back to the queue now,
+        # rather than after the broker's visibility timeout (minutes).
+        from inference.dispatch import get_dispatcher
+
+        ended["redelivered"] = get_dispatcher().redeliver_unclaimed(older_than=settings.WORKER_HEARTBEAT_TTL)
     stale = Query.objects.filter(
         status=Query.Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.MAX_QUEUED_SECONDS)
     ).values_list("pk", flat=True)

@@ -103,22 +103,29 @@ def test_metrics_token(client, settings):
     assert allowed.status_code == 200 and b"sightline_queue_depth" in allowed.content
 
 
-def test_live_gauges_count_queued_and_running_work_and_every_web_process_agrees(live_stack, tmp_path):
+def test_live_gauges_count_queued_and_running_work_and_every_web_process_agrees(tmp_path):
     """While the one worker runs a long query and two wait behind it, both gauges show them, and a
-    second web process of the same deployment reports exactly the same figures."""
+    second web process of the same deployment reports exactly the same figures. The worker takes one
+    query at a time (INFERENCE_MAX_BATCH=1, as on a GPU that holds one), so that two stay queued."""
     from tests.stack import Stack
 
-    second = Stack(tmp_path, INFERENCE_QUEUE=live_stack.queue)
-    second.queue = live_stack.queue
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    stack = Stack(tmp_path / "a", INFERENCE_MAX_BATCH="1")
+    second = Stack(tmp_path / "b", INFERENCE_QUEUE=stack.queue)
+    second.queue = stack.queue
+    stack.start_web()
+    stack.start_worker("one-at-a-time")
     second.start_web()
     ids = []
     try:
+        stack.wait_ready()
         second.wait_ready()
         _, key = accounts.create_api_key(accounts.create_tenant("Gauged", slug="gauged"), "gauged")
         image = base64.b64encode(media.png(40, 30)).decode()
         for n in range(3):  # long enough (1000 tokens) to be still running while we scrape
             status, body = post_json(
-                live_stack.url + "/v1/queries", {"image": image, "prompt": f"q{n}", "max_tokens": 1000}, key
+                stack.url + "/v1/queries", {"image": image, "prompt": f"q{n}", "max_tokens": 1000}, key
             )
             assert status == 202, body
             ids.append(body["id"])
@@ -130,9 +137,9 @@ def test_live_gauges_count_queued_and_running_work_and_every_web_process_agrees(
         model = "glm-4.6v-flash"
         deadline = time.monotonic() + 30
         while True:  # a heartbeat may be late on a loaded machine: scrape the pair again, within a bound
-            first = _samples(_get(live_stack.url + "/metrics")[2])
+            first = _samples(_get(stack.url + "/metrics")[2])
             other = _samples(_get(second.url + "/metrics")[2])
-            if first == other and first[("sightline_workers", frozenset({("queue", live_stack.queue)}))] == 1:
+            if first == other and first[("sightline_workers", frozenset({("queue", stack.queue)}))] == 1:
                 break
             assert time.monotonic() < deadline, {k: (v, other.get(k)) for k, v in first.items() if other.get(k) != v}
             time.sleep(0.3)
@@ -141,10 +148,11 @@ def test_live_gauges_count_queued_and_running_work_and_every_web_process_agrees(
         assert Query.objects.filter(pk__in=ids, status=Query.Status.QUEUED).count() == 2
     finally:
         for query_id in ids:
-            post_json(live_stack.url + f"/v1/queries/{query_id}/cancel", {}, key)
+            post_json(stack.url + f"/v1/queries/{query_id}/cancel", {}, key)
         deadline = time.monotonic() + 60
         while Query.objects.filter(pk__in=ids, status__in=[Query.Status.QUEUED, Query.Status.RUNNING]).exists():
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         second.stop()
+        stack.stop()
