@@ -39,6 +39,7 @@ test: install
 	$(VENV)/bin/ruff check .
 	scripts/ensure-services
 	scripts/ensure-chromium
+	scripts/ensure-haproxy
 	SECRET_KEY=$(TEST_SECRET_KEY) DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
