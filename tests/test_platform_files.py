@@ -491,3 +491,17 @@ def test_readiness_without_a_worker_follows_ready_requires_worker(tmp_path):
             assert body["database"] is True and body["redis"] is True and body["model_loaded"] is False
         finally:
             stack.stop()
+
+
+def test_entrypoint_turns_secret_files_into_variables(tmp_path):
+    secret = tmp_path / "secret_key"
+    secret.write_text("a secret with spaces\n")
+    entrypoint = str(PLATFORM / "docker-entrypoint")
+    base = {"PATH": os.environ["PATH"]}
+    show = ["sh", "-c", 'printf "%s|%s" "$SECRET_KEY" "$PGPASSWORD"']
+    result = run("sh", entrypoint, *show, env={**base, "SECRET_KEY_FILE": str(secret), "PGPASSWORD_FILE": str(secret)})
+    assert result.returncode == 0 and result.stdout == "a secret with spaces|a secret with spaces", result
+    kept = run("sh", entrypoint, *show, env={**base, "SECRET_KEY": "set", "SECRET_KEY_FILE": str(secret)})
+    assert kept.stdout == "set|"  # a variable set already wins
+    missing = run("sh", entrypoint, "true", env={**base, "SECRET_KEY_FILE": str(tmp_path / "none")})
+    assert missing.returncode == 1 and "SECRET_KEY_FILE" in missing.stderr
