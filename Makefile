@@ -13,7 +13,7 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 # own, for tests only: pytest's environment passes it to every process the tests start.
 TEST_SECRET_KEY ?= sightline-test-suite-key-not-for-production-0123456789abcdef
 
-.PHONY: install serve test lint bench-e2e
+.PHONY: install serve test lint bench-e2e cluster
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Sightline needs Python 3.11; set PYTHON=python3.11")'
@@ -39,9 +39,17 @@ test: install
 	$(VENV)/bin/ruff check .
 	scripts/ensure-services
 	scripts/ensure-chromium
+	scripts/ensure-haproxy
 	SECRET_KEY=$(TEST_SECRET_KEY) DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The production topology on this machine, without containers, on the tiny model: two web processes
+# behind HAProxy (Debian's package, installed when missing), two Celery workers, PostgreSQL and Redis.
+# Serves on 127.0.0.1:$(CLUSTER_PORT) until Ctrl-C.
+CLUSTER_PORT ?= 8800
+cluster: install
+	$(PY) platform/cluster --setup --port $(CLUSTER_PORT)

@@ -265,6 +265,10 @@ MAX_SOCKETS_PER_KEY = env_int("MAX_SOCKETS_PER_KEY", 32)  # open websockets per 
 # A socket's place in that count is a lease its web process renews; a dead process's places free within it.
 WS_SOCKET_LEASE_SECONDS = env_float("WS_SOCKET_LEASE_SECONDS", 60.0)
 WS_AUTH_TIMEOUT_SECONDS = env_float("WS_AUTH_TIMEOUT_SECONDS", 10.0)  # unauthenticated sockets are closed
+# /health/ready wants a live worker with the model loaded on the queue. Off (0), it wants only
+# PostgreSQL and Redis: for workers that scale to zero when idle (platform/k8s/overlays/example-vllm),
+# where web pods must stay ready to queue the async jobs that bring a worker back.
+READY_REQUIRES_WORKER = env_bool("READY_REQUIRES_WORKER", True)
 # SIGTERM: a web process stops accepting, answers or ends (503) what it holds, and exits within this.
 SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0)
 # X-Forwarded-For/-Proto are believed only from these addresses (the load balancer), comma-separated.

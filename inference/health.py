@@ -34,7 +34,7 @@ def readiness() -> tuple[bool, dict]:
     queues = {
         queue: {"model": status["model"], "model_loaded": status["model_loaded"], "workers": status.get("workers", 1)}
     }
-    ready = database and redis_state is not False and status["model_loaded"]
+    ready = database and redis_state is not False and (status["model_loaded"] or not settings.READY_REQUIRES_WORKER)
     body = {
         "status": "ok" if ready else "unavailable",
         "database": database,
