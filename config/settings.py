@@ -205,6 +205,9 @@ WORKER_HEARTBEAT_TTL = env_float("WORKER_HEARTBEAT_TTL", 10.0)
 SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 5.0)
 # A query still queued after this long (no worker took it) ends failed/worker_lost.
 MAX_QUEUED_SECONDS = env_float("MAX_QUEUED_SECONDS", 900.0)
+# A query queued this long whose message is neither in its queue nor held by a worker (its web
+# process died between committing the row and sending the message) is dispatched again.
+UNDISPATCHED_QUEUED_SECONDS = env_float("UNDISPATCHED_QUEUED_SECONDS", 30.0)
 REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "sightline")
 # An admitted request holds its concurrent slot this long until its Query row is committed (which
 # extends the slot to the whole query); a web process that dies in between leaks it no longer, and

@@ -50,10 +50,10 @@ class ThreadDispatcher:
     def cancel(self, query_id) -> None:
         self._cancelled.add(str(query_id))
 
-    def redeliver_unclaimed(self, *, older_than: float, limit: int = 1000) -> int:
-        """Nothing to give back: the in-process queue lives and dies with this process, whose
-        start dispatches the queued queries again."""
-        return 0
+    def recover_orphans(self, *, unclaimed_after: float, undispatched_after: float, limit: int = 1000) -> dict:
+        """Nothing to recover: the in-process queue lives and dies with this process, whose start
+        dispatches the queued queries again."""
+        return {"redelivered": 0, "dispatched_again": 0}
 
     def _stop_check(self, query_id):
         key = str(query_id)

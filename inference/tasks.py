@@ -14,11 +14,13 @@ import sys
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 from celery import shared_task
 from celery.signals import worker_init, worker_shutdown
 from django.conf import settings
 from django.db import close_old_connections
+from django.utils import timezone
 
 from config.celery import app  # noqa: F401 - the configured app, also in the web process
 from inference import events, runner, workers
@@ -113,10 +115,13 @@ def run_query(query_id: str) -> str | None:
 
 
 def _query_of_message(raw: bytes) -> str | None:
-    """The query id of a stored ``inference.run_query`` message (kombu's ``[payload, exchange,
-    routing key]``, the body a base64 JSON ``[args, kwargs, embed]``), or None for any other."""
+    """The query id of a stored ``inference.run_query`` message (kombu's payload, as a queue holds
+    it, or ``[payload, exchange, routing key]`` as the unacknowledged hash does; the body a base64
+    JSON ``[args, kwargs, embed]``), or None for any other."""
     try:
-        payload = json.loads(raw)[0]
+        payload = json.loads(raw)
+        if isinstance(payload, list):
+            payload = payload[0]
         if payload.get("headers", {}).get("task") != run_query.name:
             return None
         body = payload["body"]
@@ -144,38 +149,64 @@ class CeleryDispatcher:
     def cancel(self, query_id) -> None:
         workers.request_cancel(query_id)
 
-    def redeliver_unclaimed(self, *, older_than: float, limit: int = 1000) -> int:
-        """Give back to the queue the messages a worker took but never started, because it died.
+    def recover_orphans(self, *, unclaimed_after: float, undispatched_after: float, limit: int = 1000) -> dict:
+        """Queue again the queued queries whose message no live worker will run.
 
-        A worker holds a batch's worth of messages (INFERENCE_MAX_BATCH threads, acks late), and a
-        live one claims each at once (``queued -> running``). A SIGKILLed worker's unclaimed ones
-        would wait for the broker's visibility timeout (the hard time limit + 60 s, since a running
-        query must not be handed out twice) before another worker saw them. So: a message unacked
-        for ``older_than`` seconds whose query is still ``queued`` goes back to the queue now. Were
-        its holder alive after all, both deliveries race for the claim and one runs it."""
+        * Taken but never started: a worker holds a batch's worth of messages (INFERENCE_MAX_BATCH
+          threads, acks late) and a live one claims each at once (``queued -> running``). A
+          SIGKILLed worker's unclaimed ones would wait for the broker's visibility timeout (the
+          hard time limit + 60 s, since a running query must not be handed out twice). A message
+          unacknowledged for ``unclaimed_after`` seconds whose query is still queued goes back to
+          the queue now.
+        * Never dispatched: a web process that died between committing a row and sending its
+          message leaves a queued row with no message at all. A row queued for
+          ``undispatched_after`` seconds whose message is neither in the queue nor held by a
+          worker is dispatched again.
+
+        Were a message's holder alive after all, both deliveries race for the claim and one runs
+        the query: the claim makes a second delivery harmless."""
         from inference.models import Query
 
+        counts = {"redelivered": 0, "dispatched_again": 0}
         with app.connection_for_write() as connection:
             channel = connection.default_channel
             if not hasattr(channel, "unacked_index_key"):  # not Redis (the tests' memory:// broker)
-                return 0
-            qos = channel.qos
+                return counts
             redis_client = channel.client
-            old = redis_client.zrange(
-                channel.unacked_index_key, 0, time.time() - older_than, byscore=True, offset=0, num=limit
-            )
-            held: dict[str, bytes] = {}
-            for tag in old:
-                raw = redis_client.hget(channel.unacked_key, tag)
-                query_id = _query_of_message(raw) if raw else None
+            held: dict[str, bytes] = {}  # query id -> delivery tag, of every message a worker holds
+            for tag, raw in redis_client.hscan_iter(channel.unacked_key):
+                query_id = _query_of_message(raw)
                 if query_id:
                     held[query_id] = tag
-            unclaimed = Query.objects.filter(pk__in=list(held), status=Query.Status.QUEUED).values_list("pk", flat=True)
-            count = 0
-            for query_id in unclaimed:
-                qos.restore_by_tag(held[str(query_id)], client=redis_client)
-                count += 1
-        return count
+            old_tags = set(
+                redis_client.zrange(
+                    channel.unacked_index_key, 0, time.time() - unclaimed_after, byscore=True, offset=0, num=limit
+                )
+            )
+            stale_held = [query_id for query_id, tag in held.items() if tag in old_tags]
+            for query_id in Query.objects.filter(pk__in=stale_held, status=Query.Status.QUEUED).values_list(
+                "pk", flat=True
+            )[:limit]:
+                channel.qos.restore_by_tag(held[str(query_id)], client=redis_client)
+                counts["redelivered"] += 1
+
+            cutoff = timezone.now() - timedelta(seconds=undispatched_after)
+            old_queued = [
+                str(query_id)
+                for query_id in Query.objects.filter(
+                    status=Query.Status.QUEUED, model=settings.INFERENCE_MODEL_NAME, created_at__lt=cutoff
+                )
+                .order_by("created_at")
+                .values_list("pk", flat=True)[:limit]
+            ]
+            if not old_queued:
+                return counts
+            waiting = {_query_of_message(raw) for raw in redis_client.lrange(self.queue, 0, -1)}
+            for query_id in old_queued:
+                if query_id not in waiting and query_id not in held:
+                    self.submit(query_id)
+                    counts["dispatched_again"] += 1
+        return counts
 
     def unavailable(self) -> str | None:
         """Why no query can run now (no live worker on this queue has the model loaded), or None."""

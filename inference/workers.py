@@ -101,7 +101,7 @@ def sweep(
     from inference import runner
     from inference.models import Query
 
-    ended = {"worker_lost": 0, "never_taken": 0, "redelivered": 0}
+    ended = {"worker_lost": 0, "never_taken": 0, "redelivered": 0, "dispatched_again": 0}
     ended.update(recover_lost_redis())
     now = timezone.now()
     grace = timedelta(seconds=settings.WORKER_HEARTBEAT_TTL)
@@ -124,11 +124,16 @@ def sweep(
                 publisher=publisher,
             ):
                 ended["worker_lost"] += 1
-        # Queries a dead worker took from the queue but never started: back to the queue now,
-        # rather than after the broker's visibility timeout (minutes).
+        # Queued queries whose message a dead worker holds, or whose web process died before
+        # sending it: queued again now, rather than after the broker's visibility timeout or
+        # MAX_QUEUED_SECONDS.
         from inference.dispatch import get_dispatcher
 
-        ended["redelivered"] = get_dispatcher().redeliver_unclaimed(older_than=settings.WORKER_HEARTBEAT_TTL)
+        ended.update(
+            get_dispatcher().recover_orphans(
+                unclaimed_after=settings.WORKER_HEARTBEAT_TTL, undispatched_after=settings.UNDISPATCHED_QUEUED_SECONDS
+            )
+        )
     stale = Query.objects.filter(
         status=Query.Status.QUEUED, created_at__lt=now - timedelta(seconds=settings.MAX_QUEUED_SECONDS)
     ).values_list("pk", flat=True)

@@ -51,6 +51,9 @@ class Stack:
             "WORKER_HEARTBEAT_SECONDS": "0.5",
             "WORKER_HEARTBEAT_TTL": "3",
             "SWEEP_INTERVAL_SECONDS": "1",
+            # Stacks of a session share the database but each has a queue of its own: a sweeper would
+            # take another stack's waiting query for one its web process never dispatched.
+            "UNDISPATCHED_QUEUED_SECONDS": "600",
             "PYTHONUNBUFFERED": "1",
             **extra_env,
         }

@@ -294,7 +294,37 @@ def test_a_query_a_dead_worker_took_but_never_started_runs_at_once_elsewhere(ten
             assert time.monotonic() < deadline, "the held query was not given back to the queue"
             time.sleep(0.3)
         assert query.status == Query.Status.SUCCEEDED and query.worker.startswith("rescuer-")
-        assert "redelivered': 1" in stack.log("rescuer")
+        assert "'redelivered': 1" in stack.log("rescuer")
+    finally:
+        stack.stop()
+
+
+def test_a_row_its_web_process_never_dispatched_is_dispatched_by_the_sweeper(tenant, tmp_path, settings):
+    """A web process that dies between committing a query's row and sending its message leaves a
+    queued row and no message. This process is that web process (it writes the row, sends nothing);
+    a worker's sweeper dispatches it once it is UNDISPATCHED_QUEUED_SECONDS old, and it runs."""
+    from accounts import quotas
+    from inference import services
+    from tests.stack import SESSION_PREFIX
+
+    key_row, _ = accounts.create_api_key(tenant, "orphaned")
+    stack = Stack(tmp_path, UNDISPATCHED_QUEUED_SECONDS="1")
+    # Redis has lost nothing here: say so, as a running deployment's sweeper has, or the worker would
+    # dispatch every queued query again as after a Redis restart.
+    settings.REDIS_URL, settings.REDIS_KEY_PREFIX, settings.EMBEDDED = stack.redis_url, SESSION_PREFIX, False
+    quotas.backend().mark_restored(quotas.now())
+    data = services.check_input(prompt="orphan", images=[media.png(20, 10)], max_tokens=8)
+    query = services.accept(key_row, data, endpoint=Query.Endpoint.QUERIES)
+    stack.start_web()
+    stack.start_worker("sweeping")
+    try:
+        deadline = time.monotonic() + 90
+        while (query := Query.objects.get(pk=query.pk)).status in (Query.Status.QUEUED, Query.Status.RUNNING):
+            assert time.monotonic() < deadline, "the undispatched row was never dispatched"
+            time.sleep(0.3)
+        assert query.status == Query.Status.SUCCEEDED, (query.error_code, query.error_message)
+        assert query.worker.startswith("sweeping-")
+        assert "'dispatched_again': 1" in stack.log("sweeping")
     finally:
         stack.stop()
 
