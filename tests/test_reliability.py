@@ -177,7 +177,10 @@ def test_redis_restart_strands_no_queued_query_and_keeps_quota_counts(tenant, tm
     own = OwnRedis(tmp_path)
     own.start()
     row, key = accounts.create_api_key(tenant, "restart", max_concurrent_requests=100)
-    stack = Stack(tmp_path, REDIS_URL=own.url)
+    # One query at a time (INFERENCE_MAX_BATCH=1): the others wait in Redis behind the first, which
+    # is what a restart could strand. (A batch's queries all run at once; a worker that dies with
+    # Redis ends them worker_lost, as any worker death does.)
+    stack = Stack(tmp_path, REDIS_URL=own.url, INFERENCE_MAX_BATCH="1")
     stack.start_web()
     stack.start_worker("w")
     stack.supervise("w")
@@ -268,7 +271,8 @@ def test_redis_pause_answers_503_and_fails_no_running_query(tenant, tmp_path):
             own.process.send_signal(signal.SIGCONT)
         # Still running when Redis comes back: the worker's heartbeat lapsed while it ran, and its
         # own sweeper must not end it worker_lost (the test means nothing if it had ended already).
-        assert Query.objects.get(pk=job["id"]).status == Query.Status.RUNNING
+        paused = Query.objects.get(pk=job["id"])
+        assert paused.status == Query.Status.RUNNING, (paused.status, paused.error_code, paused.error_message)
         assert status == 503 and body["code"] == "service_unavailable", (status, body)
         assert int(headers["Retry-After"]) >= 1
         assert ready_status == 503 and ready["redis"] is False
