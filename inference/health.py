@@ -34,6 +34,8 @@ def readiness() -> tuple[bool, dict]:
     queues = {
         queue: {"model": status["model"], "model_loaded": status["model_loaded"], "workers": status.get("workers", 1)}
     }
+    if status.get("engines"):  # each worker's engine: in-process, or an engine server and its health
+        queues[queue]["engines"] = status["engines"]
     ready = database and redis_state is not False and status["model_loaded"]
     body = {
         "status": "ok" if ready else "unavailable",
