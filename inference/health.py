@@ -34,8 +34,6 @@ def readiness() -> tuple[bool, dict]:
     queues = {
         queue: {"model": status["model"], "model_loaded": status["model_loaded"], "workers": status.get("workers", 1)}
     }
-    if status.get("engines"):  # each worker's engine: in-process, or an engine server and its health
-        queues[queue]["engines"] = status["engines"]
     ready = database and redis_state is not False and status["model_loaded"]
     body = {
         "status": "ok" if ready else "unavailable",
@@ -44,4 +42,6 @@ def readiness() -> tuple[bool, dict]:
         "model_loaded": status["model_loaded"],
         "queues": queues,
     }
+    if status.get("engines"):  # each worker's engine: in-process, or an engine server and its health
+        queues[queue]["engines"] = status["engines"]
     return ready, body

@@ -585,3 +585,31 @@ def test_settings_refuse_an_unknown_backend_or_a_missing_engine_url():
     assert "INFERENCE_ENGINE_URL='localhost:8001' is not valid" in settings_error(
         INFERENCE_BACKEND="openai", INFERENCE_ENGINE_URL="localhost:8001"
     )
+
+
+def test_a_worker_with_an_engine_server_imports_neither_torch_nor_transformers():
+    """Such a worker runs from the web tier's install: what it runs (the task, the runner, the
+    engine server's client) stays clear of torch and transformers."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys, django; django.setup();"
+        "import inference.tasks; from inference import runner; from inference.engine import backends;"
+        "engine = backends.open_engine(backends.from_settings()); assert not engine.loaded;"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad; print('ok')"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "INFERENCE_BACKEND": "openai",
+        "INFERENCE_ENGINE_URL": f"http://127.0.0.1:{free_port()}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
