@@ -67,6 +67,7 @@ class ThreadDispatcher:
 
     def status(self) -> dict:
         from inference import workers
+        from inference.engine import backends
 
         return {
             "mode": "embedded",
@@ -75,6 +76,7 @@ class ThreadDispatcher:
             "model_error": self.load_error,
             "queue_depth": self._queue.qsize(),
             "batching": [{"worker": self.worker_name, **workers.batch_info(self.engine)}],
+            "engines": [{"worker": self.worker_name, **backends.engine_status(self.engine)}] if self.engine else [],
         }
 
     def _load(self) -> None:

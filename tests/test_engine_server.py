@@ -374,6 +374,40 @@ def test_engine_killed_mid_stream_then_restarted(stack, key, engine_server):
     stack.kill("w2", signal.SIGTERM)
 
 
+@live
+def test_a_worker_killed_mid_stream_loses_nothing(stack, key):
+    """SIGKILL the worker while its engine server streams a query to it: the query ends
+    failed/worker_lost (the next worker's sweeper, once the heartbeat has expired), and the next
+    worker, started beside the same engine server, takes work at once (no model to load)."""
+    status, job = post_json(
+        stack.url + "/v1/queries", {"image": _image_b64(), "prompt": "long", "max_tokens": 1000}, key
+    )
+    assert status == 202, job
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        query = Query.objects.get(pk=job["id"])
+        if query.status == Query.Status.RUNNING and _worker_engine(stack).get("inflight"):
+            break
+        time.sleep(0.05)
+    assert query.status == Query.Status.RUNNING and query.worker.startswith("w1-")
+    stack.kill("w1")
+    stack.start_worker("w3")
+    lost = wait_finished(job["id"])
+    assert (lost.status, lost.error_code) == (Query.Status.FAILED, "worker_lost")
+    assert lost.worker in lost.error_message
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        engine = _worker_engine(stack)
+        if engine["http_status"] == 200 and engine.get("worker", "").startswith("w3-"):
+            break
+        time.sleep(0.1)
+    status, body = post_json(
+        stack.url + "/v1/glm/infer", {"image": _image_b64(), "prompt": "next", "max_tokens": 4}, key
+    )
+    assert status == 200, body
+    assert Query.objects.get(pk=body["query_id"]).worker.startswith("w3-")
+
+
 # --- reading what vLLM sends ----------------------------------------------------------------------
 def _chunk(index=0, usage=None, finish=None, logprobs=None, **delta) -> dict:
     choice = {"index": index, "delta": delta, "finish_reason": finish}
