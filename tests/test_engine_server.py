@@ -490,6 +490,16 @@ def test_several_choices_logprobs_and_counts_from_the_usage():
     assert result.prompt_tokens == 7 and result.completion_tokens == 3
 
 
+def test_a_server_that_ignores_n_gives_the_choice_it_sent():
+    request = EngineRequest(messages=[], sampling=SamplingParams(n=3))
+    deltas, result = _read(request, [_chunk(content="a"), _chunk(finish="stop", usage={"completion_tokens": 1})])
+    reader = StreamReader(request)
+    for chunk in [_chunk(content="a"), _chunk(finish="stop")]:
+        reader.feed(chunk)
+    assert reader.finished and reader.missing_choices == 2
+    assert [(c.index, c.text, c.finish_reason) for c in result.choices] == [(0, "a", "stop")]
+
+
 def test_every_parameter_is_sent_and_what_is_left_out_is_not():
     from PIL import Image
 

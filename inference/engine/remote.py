@@ -319,8 +319,7 @@ class StreamReader:
         self.tools = request.tools if request.tools and request.tool_choice != "none" else None
         self.choices: dict[int, _ChoiceReader] = {}
         self.usage: dict | None = None
-        for index in range(request.sampling.n):
-            self._choice(index)
+        self._choice(0)  # the others as the server sends them (one that ignores `n` sends one)
 
     def _choice(self, index: int) -> _ChoiceReader:
         if index not in self.choices:
@@ -341,8 +340,13 @@ class StreamReader:
 
     @property
     def finished(self) -> bool:
-        """Every choice has its finish reason (the server's answer is whole)."""
+        """Every choice the server sent has its finish reason (the server's answer is whole)."""
         return all(choice.finish_reason for choice in self.choices.values())
+
+    @property
+    def missing_choices(self) -> int:
+        """Choices asked for (``n``) that the server never sent: it does not take ``n``."""
+        return max(0, self.request.sampling.n - len(self.choices))
 
     def end(self, reason: str) -> list[Delta]:
         out = []
@@ -445,6 +449,13 @@ class RemoteGeneration:
             if not cancelled and not reader.finished:
                 engine.poke()
                 raise EngineError("engine_error", "The engine server ended the answer before it was complete.")
+            if not cancelled and reader.missing_choices:
+                logger.warning(
+                    "the engine server at %s answered %d of the %d choices asked for (it does not take `n`)",
+                    engine.url,
+                    len(reader.choices),
+                    self.request.sampling.n,
+                )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             engine.poke()
             raise EngineError(
