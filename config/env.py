@@ -50,6 +50,28 @@ def env_float(name: str, default: float) -> float:
         raise _bad(name, value, "want a number") from None
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (case-insensitive); anything else fails at start, naming the variable."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    word = value.strip().lower()
+    if word not in choices:
+        raise _bad(name, value, f"use one of {', '.join(choices)}")
+    return word
+
+
+def env_url(name: str, default: str = "") -> str:
+    """An http(s) URL without a trailing slash, or ``default`` when unset; anything else fails at start."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise _bad(name, value, "want an http:// or https:// URL such as http://127.0.0.1:8001")
+    return value.rstrip("/")
+
+
 def env_list(name: str, default: list[str] | None = None) -> list[str]:
     value = os.environ.get(name)
     if value is None or value.strip() == "":

@@ -18,7 +18,17 @@ from django.core.checks.security.base import (
 )
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_float, env_int, env_list, env_proxy_ssl_header, env_str, parse_database_url
+from config.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_proxy_ssl_header,
+    env_str,
+    env_url,
+    parse_database_url,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("SIGHTLINE_VAR_DIR", str(BASE_DIR / "var")))
@@ -158,6 +168,28 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "inference.layers.ThreadSafeInMemoryChannelLayer"}}
 
+# The engine a worker drives (inference/engine/backends.py): "transformers" loads the model in the
+# worker's own process (batched by our scheduler); "openai" sends each query as a streaming chat
+# completion to an OpenAI-compatible engine server beside the worker (vLLM, SGLang) at
+# INFERENCE_ENGINE_URL, which does the batching. The embedded default runs "transformers".
+INFERENCE_BACKEND = env_choice("INFERENCE_BACKEND", "transformers", ("transformers", "openai"))
+INFERENCE_ENGINE_URL = env_url("INFERENCE_ENGINE_URL")  # e.g. http://127.0.0.1:8001 (a trailing /v1 is fine)
+INFERENCE_ENGINE_API_KEY = env_str("INFERENCE_ENGINE_API_KEY", "")  # vLLM's --api-key, if it has one
+# The model id the engine server serves (vLLM's --served-model-name); empty: INFERENCE_MODEL.
+INFERENCE_ENGINE_MODEL = env_str("INFERENCE_ENGINE_MODEL", "")
+if INFERENCE_BACKEND == "openai" and not INFERENCE_ENGINE_URL:
+    raise ImproperlyConfigured(
+        "INFERENCE_BACKEND=openai needs INFERENCE_ENGINE_URL: the engine server's address, e.g. http://127.0.0.1:8001"
+    )
+# Queries one worker has in flight at its engine server at once (the server batches them).
+ENGINE_MAX_INFLIGHT = env_int("ENGINE_MAX_INFLIGHT", 64)
+if ENGINE_MAX_INFLIGHT < 1:
+    raise ImproperlyConfigured(f"ENGINE_MAX_INFLIGHT={ENGINE_MAX_INFLIGHT} is not valid: want 1 or more.")
+# The worker asks its engine server's /health and /v1/models this often (heartbeat and readiness).
+ENGINE_PROBE_SECONDS = env_float("ENGINE_PROBE_SECONDS", 2.0)
+# A worker that starts before its engine server waits this long for it before taking work (logged).
+ENGINE_START_TIMEOUT = env_float("ENGINE_START_TIMEOUT", 900.0)
+
 # Celery (production): one queue per model, reliability as in DESIGN.md.
 INFERENCE_SOFT_TIME_LIMIT = env_int("INFERENCE_SOFT_TIME_LIMIT", 300)
 INFERENCE_HARD_TIME_LIMIT = env_int("INFERENCE_HARD_TIME_LIMIT", 330)
@@ -177,7 +209,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # engine thread (the batch scheduler). acks_late: a query is acknowledged only when it has ended,
 # so a worker killed mid-batch leaves every query of the batch to be delivered again.
 CELERY_WORKER_POOL = "threads"
-CELERY_WORKER_CONCURRENCY = INFERENCE_MAX_BATCH
+# With an engine server, a thread per query in flight there (ENGINE_MAX_INFLIGHT).
+CELERY_WORKER_CONCURRENCY = ENGINE_MAX_INFLIGHT if INFERENCE_BACKEND == "openai" else INFERENCE_MAX_BATCH
 CELERY_TASK_SOFT_TIME_LIMIT = INFERENCE_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = INFERENCE_HARD_TIME_LIMIT
 CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -188,6 +221,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_connect_timeout": 5,
     "health_check_interval": 10,
 }
+# A query a worker takes while its engine server is down waits this long for it (still queued), then
+# ends model_unavailable. Below the visibility timeout, so the message is not delivered twice meanwhile.
+ENGINE_WAIT_SECONDS = env_float("ENGINE_WAIT_SECONDS", float(INFERENCE_SOFT_TIME_LIMIT))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A worker reconnects to Redis for as long as Redis is away: Celery's default gives up after 100
 # tries (~50 minutes) and exits, leaving no worker for the queue when Redis comes back.

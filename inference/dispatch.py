@@ -20,9 +20,11 @@ logger = logging.getLogger("sightline.dispatch")
 class ThreadDispatcher:
     """The embedded default: background threads of the web process own the model.
 
-    The first thread loads the model once; then INFERENCE_MAX_BATCH threads take queries from an
-    in-process queue, each running one, all feeding the engine's batch scheduler as a Celery worker
-    does (generation is not done inside a request's event loop, and the model is never reloaded).
+    The first thread opens the engine once (loads the model, or with ``INFERENCE_BACKEND=openai``
+    connects to the engine server); then as many threads as a Celery worker runs take queries from
+    an in-process queue, each running one, all feeding the engine (its batch scheduler, or the
+    engine server) as a Celery worker does (generation is not done inside a request's event loop,
+    and the model is never reloaded).
     """
 
     def __init__(self, model_id: str | None = None, recover_on_start: bool = True):
@@ -70,22 +72,29 @@ class ThreadDispatcher:
 
     def status(self) -> dict:
         from inference import workers
+        from inference.engine import backends
 
         return {
             "mode": "embedded",
             "model": self.model_id,
-            "model_loaded": self.engine is not None,
+            "model_loaded": self.engine is not None and self.engine.loaded,
             "model_error": self.load_error,
             "queue_depth": self._queue.qsize(),
             "batching": [{"worker": self.worker_name, **workers.batch_info(self.engine)}],
+            "engines": [{"worker": self.worker_name, **backends.engine_status(self.engine)}] if self.engine else [],
         }
 
     def _load(self) -> None:
-        from inference.engine import Engine, EngineError
+        from dataclasses import replace
 
+        from inference.engine import EngineError, backends
+
+        config = backends.from_settings()
+        if config.backend == "transformers":
+            config = replace(config, model=self.model_id)
         try:
-            self.engine = Engine.load(self.model_id, settings.INFERENCE_DEVICE, settings.INFERENCE_DTYPE)
-            logger.info("model %s loaded on %s (%s)", self.model_id, self.engine.device, self.engine.dtype)
+            self.engine = backends.open_engine(config)
+            logger.info("model %s opened on %s (%s)", config.model, self.engine.device, config.backend)
         except EngineError as exc:
             self.load_error = exc.message
             logger.error("the embedded worker could not load the model: %s", exc.message)
@@ -125,13 +134,7 @@ class ThreadDispatcher:
                 logger.exception("could not recover queries left by a previous run")
             finally:
                 close_old_connections()  # the thread may wait long for work: hold no connection meanwhile
-        if self.engine is not None:
-            self.engine.enable_batching(
-                max_batch=settings.INFERENCE_MAX_BATCH,
-                wait_ms=settings.INFERENCE_BATCH_WAIT_MS,
-                max_tokens=settings.INFERENCE_MAX_BATCH_TOKENS,
-            )
-        for number in range(1, max(1, settings.INFERENCE_MAX_BATCH)):
+        for number in range(1, max(1, settings.CELERY_WORKER_CONCURRENCY)):
             threading.Thread(
                 target=self._serve, args=(publisher,), name=f"sightline-worker-{number}", daemon=True
             ).start()
@@ -152,6 +155,9 @@ class ThreadDispatcher:
                         publisher=publisher,
                     )
                 else:
+                    from inference.engine.backends import wait_engine
+
+                    wait_engine(self.engine)
                     runner.execute(
                         query_id, self.engine, publisher, self.worker_name, should_stop=self._stop_check(query_id)
                     )

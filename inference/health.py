@@ -42,4 +42,6 @@ def readiness() -> tuple[bool, dict]:
         "model_loaded": status["model_loaded"],
         "queues": queues,
     }
+    if status.get("engines"):  # each worker's engine: in-process, or an engine server and its health
+        queues[queue]["engines"] = status["engines"]
     return ready, body

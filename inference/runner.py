@@ -187,6 +187,16 @@ class _Stream:
         self.last_flush = time.monotonic()
 
 
+def _release_connection() -> None:
+    """Hand this thread's database connection back to the pool while the answer streams: a worker
+    runs many queries at once (ENGINE_MAX_INFLIGHT with an engine server), each needing a connection
+    only to claim and to finish. Without a pool the connection stays (no reconnect per query)."""
+    from django.db import connection
+
+    if connection.settings_dict.get("OPTIONS", {}).get("pool") and not connection.in_atomic_block:
+        connection.close()
+
+
 def execute(
     query_id,
     engine,
@@ -206,7 +216,9 @@ def execute(
     first_token_at = None
 
     try:
-        generation = engine.stream(engine_request(query), should_stop=should_stop)
+        request = engine_request(query)
+        _release_connection()
+        generation = engine.stream(request, should_stop=should_stop)
         for delta in generation:
             if first_token_at is None:
                 first_token_at = timezone.now()

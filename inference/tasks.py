@@ -1,9 +1,11 @@
 """Celery: the task that runs a query, the worker's start-up (the model is loaded once, before any
 work is taken), and the dispatcher the web tier uses when ``REDIS_URL`` is set.
 
-Start a worker per GPU:  ``celery -A config worker -Q infer.glm-4.6v-flash``: a pool of
-INFERENCE_MAX_BATCH threads (settings), each running one query, all feeding the one engine thread
-that decodes them in batches (inference/engine/batching.py).
+Start a worker per GPU:  ``celery -A config worker -Q infer.glm-4.6v-flash``. With the in-process
+engine (``INFERENCE_BACKEND=transformers``): a pool of INFERENCE_MAX_BATCH threads (settings), each
+running one query, all feeding the one engine thread that decodes them in batches
+(inference/engine/batching.py). With an engine server beside the worker (``INFERENCE_BACKEND=openai``):
+ENGINE_MAX_INFLIGHT threads, each streaming one query from the server, which batches them.
 """
 
 import base64
@@ -24,6 +26,7 @@ from django.utils import timezone
 
 from config.celery import app  # noqa: F401 - the configured app, also in the web process
 from inference import events, runner, workers
+from inference.engine import backends
 
 logger = logging.getLogger("sightline.tasks")
 
@@ -47,8 +50,9 @@ def _heartbeat_info() -> dict:
         "queue": settings.INFERENCE_QUEUE,
         "model": settings.INFERENCE_MODEL_NAME,
         "model_path": settings.INFERENCE_MODEL,
-        "model_loaded": state.engine is not None,
+        "model_loaded": state.engine is not None and state.engine.loaded,
         "device": getattr(state.engine, "device", None),
+        "engine": backends.engine_status(state.engine),
         "pid": os.getpid(),
         "started": state.started,
         "current_queries": sorted(state.current_queries),
@@ -58,17 +62,41 @@ def _heartbeat_info() -> dict:
 
 @worker_init.connect
 def load_model_on_start(sender=None, **kwargs):
-    """Load the model once, before the worker takes any work; exit with a clear message if it can't."""
-    from inference.engine import Engine, EngineError
+    """Open the engine once, before the worker takes any work: load the model (exit with a clear
+    message if it can't be), or, with an engine server, wait for it (bounded, logged) to be ready."""
+    from inference.engine import EngineError
 
     hostname = getattr(sender, "hostname", None) or f"worker@{os.uname().nodename}"
     state.name = f"{hostname}:{os.getpid()}"
     state.started = time.time()
+    config = backends.from_settings()
     try:
-        state.engine = Engine.load(settings.INFERENCE_MODEL, settings.INFERENCE_DEVICE, settings.INFERENCE_DTYPE)
+        state.engine = backends.open_engine(config)
     except EngineError as exc:
         print(f"sightline worker: cannot load the model, not taking work: {exc.message}", file=sys.stderr, flush=True)
         os._exit(3)
+    state.publisher = events.Publisher()
+    state.heartbeat = workers.HeartbeatThread(state.name, _heartbeat_info, publisher=state.publisher)
+    state.heartbeat.start()
+    if config.backend == "openai":
+        logger.info(
+            "sightline worker %s: engine server %s (model %s), queue %s, %d queries in flight at most",
+            state.name,
+            state.engine.url,
+            config.model,
+            settings.INFERENCE_QUEUE,
+            config.max_inflight,
+        )
+        if not state.engine.wait_ready(settings.ENGINE_START_TIMEOUT):
+            logger.error(
+                "sightline worker %s: the engine server at %s is still not ready after %g s (%s); taking work "
+                "anyway: each query waits up to ENGINE_WAIT_SECONDS for it",
+                state.name,
+                state.engine.url,
+                settings.ENGINE_START_TIMEOUT,
+                state.engine.status()["error"],
+            )
+        return
     logger.info(
         "sightline worker %s: model %s loaded on %s, queue %s",
         state.name,
@@ -76,14 +104,6 @@ def load_model_on_start(sender=None, **kwargs):
         state.engine.device,
         settings.INFERENCE_QUEUE,
     )
-    state.engine.enable_batching(
-        max_batch=settings.INFERENCE_MAX_BATCH,
-        wait_ms=settings.INFERENCE_BATCH_WAIT_MS,
-        max_tokens=settings.INFERENCE_MAX_BATCH_TOKENS,
-    )
-    state.publisher = events.Publisher()
-    state.heartbeat = workers.HeartbeatThread(state.name, _heartbeat_info, publisher=state.publisher)
-    state.heartbeat.start()
 
 
 @worker_shutdown.connect
@@ -97,6 +117,7 @@ def run_query(query_id: str) -> str | None:
     """Run one query by id. Idempotent: a query already claimed or finished is not run again."""
     if state.engine is None:  # only in a process that skipped worker start-up
         raise RuntimeError("this process has no model loaded")
+    backends.wait_engine(state.engine)
     close_old_connections()
     with state.lock:
         state.current_queries.add(query_id)
@@ -227,6 +248,7 @@ class CeleryDispatcher:
             "model": settings.INFERENCE_MODEL_NAME,
             "model_loaded": any(w.get("model_loaded") for w in live),
             "workers": len(live),
+            "engines": [{"worker": w.get("name", "?"), **(w.get("engine") or {})} for w in live],
             "queue": self.queue,
             "batching": [
                 {

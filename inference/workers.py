@@ -332,6 +332,9 @@ class HeartbeatThread(threading.Thread):
 def batch_info(engine) -> dict:
     """What a worker's batch scheduler is doing, for its heartbeat and /metrics: the rows of the
     batch decoding now, the largest batch so far, and the tokens/s of the last batch."""
+    own = getattr(engine, "batch_info", None)
+    if callable(own):  # an engine server's client: its queries in flight there
+        return own()
     scheduler = getattr(engine, "scheduler", None)
     if scheduler is None:
         return {"batch_rows": 0, "max_batch_rows": 0, "tokens_per_second": 0.0}

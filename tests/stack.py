@@ -243,3 +243,82 @@ def running_stack(log_dir: Path, *, workers: tuple[str, ...] = ("w1",), **extra_
         yield stack
     finally:
         stack.stop()
+
+
+class EngineServer:
+    """A real OpenAI-compatible engine server for the ``openai`` backend: ``transformers serve``
+    (transformers' ``serving`` extra) serving the tiny model from its folder on the CPU, as a process
+    group of its own that tests can kill (SIGKILL: the engine dying) and start again on the same port.
+    It serves the model under its folder's path, the id a worker expects (INFERENCE_MODEL)."""
+
+    def __init__(self, model_dir: Path, log_dir: Path, *, port: int | None = None, max_model_len: int = 1024):
+        self.model_dir = str(model_dir)
+        self.log_dir = log_dir
+        self.port = port or free_port()
+        self.max_model_len = max_model_len
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "EngineServer":
+        argv = [
+            str(Path(sys.executable).with_name("transformers")),
+            "serve",
+            self.model_dir,
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--log-level",
+            "warning",
+        ]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_dir / f"engine-{self.port}.log", "a")  # noqa: SIM115 - owned by the process
+        self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.starts += 1
+        return self
+
+    def log(self) -> str:
+        return (self.log_dir / f"engine-{self.port}.log").read_text()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Wait (bounded) until its /health is 200 and /v1/models lists the model."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"the engine server exited:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    healthy = response.status == 200
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as response:
+                    served = [m["id"] for m in json.load(response)["data"]]
+                if healthy and self.model_dir in served:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the engine server was not ready within {timeout} s:\n{self.log()}")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        """Signal its whole process group (the API server and its model's process) and wait for it."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+        self.process = None
+
+    def stop(self) -> None:
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
