@@ -52,7 +52,9 @@ class ThreadDispatcher:
     def cancel(self, query_id) -> None:
         self._cancelled.add(str(query_id))
 
-    def recover_orphans(self, *, unclaimed_after: float, undispatched_after: float, limit: int = 1000) -> dict:
+    def recover_orphans(
+        self, *, unclaimed_after: float, undispatched_after: float, held_by_live=frozenset(), limit: int = 1000
+    ) -> dict:
         """Nothing to recover: the in-process queue lives and dies with this process, whose start
         dispatches the queued queries again."""
         return {"redelivered": 0, "dispatched_again": 0}
@@ -172,18 +174,21 @@ class ThreadDispatcher:
                 close_old_connections()
 
 
-_dispatcher = None
+_dispatchers: dict[str, object] = {}
 _dispatcher_lock = threading.Lock()
 
 
 def get_dispatcher():
-    global _dispatcher
+    """The process's dispatcher for the mode the settings say: the in-process worker thread (the
+    embedded default) or Celery. One of each at most, so a process whose settings change mode (the
+    tests do) finds its loaded embedded worker again when it changes back."""
+    mode = "embedded" if settings.EMBEDDED else "celery"
     with _dispatcher_lock:
-        if _dispatcher is None:
+        if mode not in _dispatchers:
             if settings.EMBEDDED:
-                _dispatcher = ThreadDispatcher()
+                _dispatchers[mode] = ThreadDispatcher()
             else:
                 from inference.tasks import CeleryDispatcher
 
-                _dispatcher = CeleryDispatcher()
-        return _dispatcher
+                _dispatchers[mode] = CeleryDispatcher()
+        return _dispatchers[mode]

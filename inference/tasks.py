@@ -117,11 +117,11 @@ def run_query(query_id: str) -> str | None:
     """Run one query by id. Idempotent: a query already claimed or finished is not run again."""
     if state.engine is None:  # only in a process that skipped worker start-up
         raise RuntimeError("this process has no model loaded")
-    backends.wait_engine(state.engine)
-    close_old_connections()
-    with state.lock:
+    with state.lock:  # in the heartbeat from now on: the sweeper leaves a held query alone
         state.current_queries.add(query_id)
     try:
+        backends.wait_engine(state.engine)
+        close_old_connections()
         return runner.execute(
             query_id,
             state.engine,
@@ -170,15 +170,18 @@ class CeleryDispatcher:
     def cancel(self, query_id) -> None:
         workers.request_cancel(query_id)
 
-    def recover_orphans(self, *, unclaimed_after: float, undispatched_after: float, limit: int = 1000) -> dict:
+    def recover_orphans(
+        self, *, unclaimed_after: float, undispatched_after: float, held_by_live=frozenset(), limit: int = 1000
+    ) -> dict:
         """Queue again the queued queries whose message no live worker will run.
 
         * Taken but never started: a worker holds a batch's worth of messages (INFERENCE_MAX_BATCH
           threads, acks late) and a live one claims each at once (``queued -> running``). A
           SIGKILLed worker's unclaimed ones would wait for the broker's visibility timeout (the
           hard time limit + 60 s, since a running query must not be handed out twice). A message
-          unacknowledged for ``unclaimed_after`` seconds whose query is still queued goes back to
-          the queue now.
+          unacknowledged for ``unclaimed_after`` seconds whose query is still queued, and that no
+          live worker's heartbeat lists (``held_by_live``: a worker waiting for its engine server
+          holds queued queries), goes back to the queue now.
         * Never dispatched: a web process that died between committing a row and sending its
           message leaves a queued row with no message at all. A row queued for
           ``undispatched_after`` seconds whose message is neither in the queue nor held by a
@@ -204,7 +207,7 @@ class CeleryDispatcher:
                     channel.unacked_index_key, 0, time.time() - unclaimed_after, byscore=True, offset=0, num=limit
                 )
             )
-            stale_held = [query_id for query_id, tag in held.items() if tag in old_tags]
+            stale_held = [q for q, tag in held.items() if tag in old_tags and q not in held_by_live]
             for query_id in Query.objects.filter(pk__in=stale_held, status=Query.Status.QUEUED).values_list(
                 "pk", flat=True
             )[:limit]:
@@ -224,7 +227,7 @@ class CeleryDispatcher:
                 return counts
             waiting = {_query_of_message(raw) for raw in redis_client.lrange(self.queue, 0, -1)}
             for query_id in old_queued:
-                if query_id not in waiting and query_id not in held:
+                if query_id not in waiting and query_id not in held and query_id not in held_by_live:
                     self.submit(query_id)
                     counts["dispatched_again"] += 1
         return counts

@@ -106,8 +106,11 @@ def sweep(
     now = timezone.now()
     grace = timedelta(seconds=settings.WORKER_HEARTBEAT_TTL)
     if judge_lost:
+        live = live_workers()
         if live_names is None:
-            live_names = {w["name"] for w in live_workers()}
+            live_names = {w["name"] for w in live}
+        # The queries live workers hold (waiting for a batch or for their engine server, queued still).
+        held_by_live = {str(q) for w in live for q in w.get("current_queries", [])} | {str(q) for q in running if q}
         lost = (
             Query.objects.filter(status=Query.Status.RUNNING, started_at__lt=now - grace)
             .exclude(worker__in=[*live_names, *([own] if own else [])])
@@ -131,7 +134,9 @@ def sweep(
 
         ended.update(
             get_dispatcher().recover_orphans(
-                unclaimed_after=settings.WORKER_HEARTBEAT_TTL, undispatched_after=settings.UNDISPATCHED_QUEUED_SECONDS
+                unclaimed_after=settings.WORKER_HEARTBEAT_TTL,
+                undispatched_after=settings.UNDISPATCHED_QUEUED_SECONDS,
+                held_by_live=held_by_live,
             )
         )
     stale = Query.objects.filter(

@@ -17,6 +17,8 @@ import asyncio
 import base64
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import openai
@@ -29,7 +31,7 @@ from inference.engine.output import parse_output
 from inference.engine.remote import RemoteEngine, StreamReader, error_for_status, error_in_stream, request_body
 from inference.models import Query
 from tests import forcing, media
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 from tests.stack import EngineServer, get_json, post_json, running_stack
 
 MODEL = "glm-4.6v-flash"  # the public name (INFERENCE_MODEL_NAME)
@@ -358,6 +360,11 @@ def test_engine_killed_mid_stream_then_restarted(stack, key, engine_server):
         time.sleep(0.2)
     assert "waiting for the engine server" in stack.log("w2")
     assert Query.objects.get(pk=job["id"]).status == Query.Status.QUEUED
+    # Alive while its engine is away (the pod's liveness probe): restarting it would not help.
+    alive = subprocess.run(
+        [sys.executable, "manage.py", "worker_alive"], cwd=REPO, env=stack.env, capture_output=True, text=True
+    )
+    assert alive.returncode == 0, alive.stderr
 
     restarted_at = time.time()
     engine_server.start().wait_ready()
@@ -372,6 +379,8 @@ def test_engine_killed_mid_stream_then_restarted(stack, key, engine_server):
     assert stack.processes["w1"].pid == worker_pid and stack.processes["w1"].poll() is None
     stack.wait_ready(workers=2)
     stack.kill("w2", signal.SIGTERM)
+    # The job waited held by a live worker: never handed out again meanwhile.
+    assert "not running it again" not in stack.log("w1") + stack.log("w2")
 
 
 @live

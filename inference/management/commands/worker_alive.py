@@ -24,7 +24,14 @@ class Command(BaseCommand):
             sys.exit(1)
         # A heartbeat's name is "<celery node name>:<pid>", the node name "<name>@<host>".
         mine = [w for w in live if w.get("name", "").rsplit(":", 1)[0].split("@", 1)[-1] == host]
-        loaded = [w for w in mine if w.get("model_loaded") and w.get("queue") == settings.INFERENCE_QUEUE]
+        # A worker beside an engine server is alive while its engine is down (it waits for it, and
+        # readiness says so); restarting it would not bring the engine back.
+        loaded = [
+            w
+            for w in mine
+            if w.get("queue") == settings.INFERENCE_QUEUE
+            and (w.get("model_loaded") or (w.get("engine") or {}).get("backend") == "openai")
+        ]
         if not loaded:
             self.stderr.write(
                 f"no worker on {host} has a live heartbeat with its model loaded on {settings.INFERENCE_QUEUE}"
