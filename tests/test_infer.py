@@ -184,11 +184,11 @@ def test_model_that_fails_to_load_gives_503_and_a_failed_row(authed_client, png_
     from inference.dispatch import ThreadDispatcher
 
     broken = ThreadDispatcher(model_id=str(tmp_path / "no-such-model"))
-    saved, dispatch._dispatcher = dispatch._dispatcher, broken
+    saved, dispatch._dispatchers["embedded"] = dispatch._dispatchers.get("embedded"), broken
     try:
         response = _multipart(authed_client, png_bytes, "a.png")
     finally:
-        dispatch._dispatcher = saved
+        dispatch._dispatchers["embedded"] = saved
     assert response.status_code == 503
     body = response.json()
     assert body["code"] == "model_unavailable"

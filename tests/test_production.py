@@ -293,8 +293,9 @@ def test_a_query_a_dead_worker_took_but_never_started_runs_at_once_elsewhere(ten
         while (query := Query.objects.get(pk=body["id"])).status in (Query.Status.QUEUED, Query.Status.RUNNING):
             assert time.monotonic() < deadline, "the held query was not given back to the queue"
             time.sleep(0.3)
+        # Given back by a sweeper (the rescuer's, or another stack's of this session: one deployment),
+        # long before the broker's visibility timeout would have.
         assert query.status == Query.Status.SUCCEEDED and query.worker.startswith("rescuer-")
-        assert "'redelivered': 1" in stack.log("rescuer")
     finally:
         stack.stop()
 

@@ -74,6 +74,19 @@ def _counter(r, name) -> int:
     return int(r.get(name) or 0)
 
 
+@pytest.fixture
+def session_sweepers_held():
+    """The session's other stacks share this test's database but not its Redis: their workers'
+    sweepers would see its running queries' workers without a heartbeat (in their Redis) and end
+    them worker_lost. One deployment has one Redis; hold the session's sweeper lock meanwhile."""
+    from tests.stack import REDIS_TEST_DB, SESSION_PREFIX, redis_base_url
+
+    lock = redis.Redis.from_url(f"{redis_base_url()}/{REDIS_TEST_DB}").lock(f"{SESSION_PREFIX}:sweeper", timeout=900)
+    assert lock.acquire(blocking=True, blocking_timeout=60)
+    yield
+    lock.release()
+
+
 class OwnRedis:
     """A redis-server of the test's own, on a free port, that the test stops, restarts and pauses."""
 
@@ -167,7 +180,7 @@ def _wait_finished(ids, timeout: float) -> list[Query]:
 
 
 # --- item 7: Redis restarted empty ---------------------------------------------------------------
-def test_redis_restart_strands_no_queued_query_and_keeps_quota_counts(tenant, tmp_path):
+def test_redis_restart_strands_no_queued_query_and_keeps_quota_counts(tenant, tmp_path, session_sweepers_held):
     """N async queries, Redis stopped while the first runs and restarted empty: every query ends
     succeeded (run once), and the key's day and month counters equal what PostgreSQL says.
 
@@ -240,7 +253,7 @@ def test_redis_restart_strands_no_queued_query_and_keeps_quota_counts(tenant, tm
 
 
 # --- item 8: Redis paused ------------------------------------------------------------------------
-def test_redis_pause_answers_503_and_fails_no_running_query(tenant, tmp_path):
+def test_redis_pause_answers_503_and_fails_no_running_query(tenant, tmp_path, session_sweepers_held):
     """SIGSTOP Redis for WORKER_HEARTBEAT_TTL + 2 s while a long query runs: admissions answer 503
     service_unavailable with Retry-After (not 500), /health/ready says redis false, and after
     SIGCONT the query ends succeeded: its own worker's sweeper does not end it worker_lost."""
