@@ -10,8 +10,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-BENCH_DB = "sightline_bench"
+BENCH_DB = os.environ.get("BENCH_DB", "sightline_bench")
 BENCH_DATABASE_URL = f"{PG}/{BENCH_DB}"
+# The Redis database the benchmarks' stacks use (BENCH_REDIS_DB; 14 unless told).
+BENCH_REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "14"))
 
 
 def pct(values, q):
