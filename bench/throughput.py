@@ -11,6 +11,7 @@
 
     .venv/bin/python bench/throughput.py [--levels 1,4,8,16,32] [--requests-per-level 24]
         [--max-tokens 32] [--targets production,embedded,engine,wrapper] [--workers 1]
+        [--image sample|photo] [--torch-threads 1]
         [--backend openai --engine-url http://127.0.0.1:8001/v1]
 
 Each level runs max(--requests-per-level, 2 x concurrency) requests: every client sends its next
@@ -49,7 +50,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import BENCH_DATABASE_URL, BENCH_REDIS_DB, REPO, fresh_database, pct
+from _common import (
+    BENCH_DATABASE_URL,
+    BENCH_REDIS_DB,
+    REPO,
+    fresh_database,
+    pct,
+    photo_jpeg,
+    stop_on_sigterm,
+    torch_threads_env,
+)
 
 PROMPT = "What is in this picture?"
 TARGETS = ("engine", "production", "embedded", "wrapper")
@@ -150,14 +160,19 @@ def run_levels(name: str, levels, per_level: int, latency_client, ttft_client=No
 # --- HTTP clients ---------------------------------------------------------------------------------
 
 
+def mime_of(picture: bytes) -> str:
+    return "image/jpeg" if picture[:3] == b"\xff\xd8\xff" else "image/png"
+
+
 def multipart(fields: dict, png: bytes) -> tuple[bytes, str]:
     boundary = "sightline-bench-boundary-7f3a9c"
+    extension = mime_of(png).split("/")[1]
     parts = []
     for name, value in fields.items():
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="picture.png"\r\n'
-        "Content-Type: image/png\r\n\r\n".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="picture.{extension}"\r\n'
+        f"Content-Type: {mime_of(png)}\r\n\r\n".encode()
         + png
         + b"\r\n"
     )
@@ -256,7 +271,7 @@ def sightline_clients(port: int, key: str, png: bytes, max_tokens: int, model_na
     auth = {"Authorization": f"Bearer {key}"}
     form, content_type = multipart({"prompt": PROMPT, "max_tokens": str(max_tokens)}, png)
     infer = json_client(port, "/v1/glm/infer", form, {**auth, "Content-Type": content_type})
-    data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    data_uri = f"data:{mime_of(png)};base64," + base64.b64encode(png).decode()
     chat = json.dumps(
         {
             "model": model_name,
@@ -327,7 +342,9 @@ def bench_engine(args, model: str, png: bytes, batching: dict) -> dict:
 
     from inference.engine import Engine, EngineRequest, SamplingParams
 
+    # What a worker gets: the picture as the web tier normalised it (RGB, longer side <= MAX_IMAGE_SIDE).
     image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.thumbnail((args.max_image_side, args.max_image_side), Image.Resampling.LANCZOS)
     engine = Engine.load(model)
     request = EngineRequest(
         messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
@@ -380,7 +397,9 @@ def bench_production(args, model: str, png: bytes, backend_env: dict, model_name
         for name in ("WORKER_HEARTBEAT_SECONDS", "WORKER_HEARTBEAT_TTL", "SWEEP_INTERVAL_SECONDS")
     }
     log_dir = Path(tempfile.mkdtemp(prefix="sightline-throughput-production-"))
-    stack = Stack(log_dir, database=BENCH_DATABASE_URL, INFERENCE_MODEL=model, **production, **backend_env)
+    stack = Stack(
+        log_dir, database=BENCH_DATABASE_URL, INFERENCE_MODEL=model, **production, **backend_env, **args.threads_env
+    )
     stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}"
     stack.env["REDIS_URL"] = stack.redis_url
     key = make_key(stack.env)
@@ -408,6 +427,7 @@ def bench_embedded(args, model: str, png: bytes, backend_env: dict, model_name: 
         "INFERENCE_MODEL": model,
         "PYTHONUNBUFFERED": "1",
         **backend_env,
+        **args.threads_env,
     }
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)
     key = make_key(env)
@@ -442,6 +462,7 @@ def bench_wrapper(args, model: str, png: bytes) -> dict:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "bench" / "seed_wrapper.py"), "--model", model, "--port", str(port)],
             cwd=REPO,
+            env={**os.environ, **args.threads_env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -531,9 +552,19 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"any of {','.join(TARGETS)}")
     parser.add_argument("--workers", type=int, default=1, help="Celery workers of the production stack")
+    parser.add_argument(
+        "--image",
+        choices=("sample", "photo"),
+        default="sample",
+        help="sample: the quickstart's flat 320x240 PNG drawing; photo: a photo-like 640x480 JPEG (_common.photo_jpeg)",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch CPU threads of every process (OMP_NUM_THREADS); see _common"
+    )
     parser.add_argument("--backend", choices=("transformers", "openai"), default="transformers")
     parser.add_argument("--engine-url", help="the OpenAI-compatible engine server (--backend openai)")
     args = parser.parse_args()
+    stop_on_sigterm()
     args.levels = sorted({int(value) for value in args.levels.split(",") if value.strip()})
     targets = [name.strip() for name in args.targets.split(",") if name.strip()]
     unknown = set(targets) - set(TARGETS)
@@ -568,7 +599,9 @@ def main():
         subprocess.run([sys.executable, "manage.py", "build_tiny_model"], cwd=REPO, check=True, capture_output=True)
     from inference.samples import sample_png
 
-    png = sample_png()
+    png = sample_png() if args.image == "sample" else photo_jpeg()
+    args.threads_env = torch_threads_env(args.torch_threads)
+    args.max_image_side = settings.MAX_IMAGE_SIDE
     batching = {
         "max_batch": settings.INFERENCE_MAX_BATCH,
         "wait_ms": settings.INFERENCE_BATCH_WAIT_MS,
@@ -590,9 +623,10 @@ def main():
 
     print(f"\nSightline throughput benchmark  (model: {model}; the tiny random model's answers are noise)")
     print(
-        f"max_tokens {args.max_tokens}, prompt {PROMPT!r} with a {len(png)}-byte PNG; batching: {batching}; "
-        f"backend: {args.backend}; {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
-        f"{os.getloadavg()[0]:.2f} after; {time.perf_counter() - started:.0f} s in all"
+        f"max_tokens {args.max_tokens}, prompt {PROMPT!r} with a {len(png)}-byte {mime_of(png)} ({args.image}); "
+        f"batching: {batching}; backend: {args.backend}; {args.torch_threads} torch thread(s) per process; "
+        f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
+        f"{time.perf_counter() - started:.0f} s in all"
     )
     print("latency: /v1/glm/infer (wrapper: /infer); TTFT: streamed /v1/chat/completions (engine: its first piece)")
     print("p99 is nearest-rank: with fewer than 200 requests per level it is the slowest request")
