@@ -36,6 +36,7 @@ class ThreadDispatcher:
         self.load_error: str | None = None
         self.worker_name = f"embedded@{socket.gethostname()}"
         self._cancelled: set[str] = set()
+        self._holding = 0  # queries a worker thread has taken and not finished (the scheduler's ``pending``)
 
     def start(self) -> None:
         with self._lock:
@@ -125,6 +126,7 @@ class ThreadDispatcher:
                 max_batch=settings.INFERENCE_MAX_BATCH,
                 wait_ms=settings.INFERENCE_BATCH_WAIT_MS,
                 max_tokens=settings.INFERENCE_MAX_BATCH_TOKENS,
+                pending=lambda: self._holding,
             )
         for number in range(1, max(1, settings.INFERENCE_MAX_BATCH)):
             threading.Thread(
@@ -137,6 +139,8 @@ class ThreadDispatcher:
 
         while True:
             query_id = self._queue.get()
+            with self._lock:
+                self._holding += 1
             close_old_connections()
             try:
                 if self.engine is None:
@@ -158,6 +162,8 @@ class ThreadDispatcher:
                 except Exception:
                     logger.exception("could not record the failure of query %s", query_id)
             finally:
+                with self._lock:
+                    self._holding -= 1
                 close_old_connections()
 
 

@@ -75,6 +75,7 @@ def load_model_on_start(sender=None, **kwargs):
         max_batch=settings.INFERENCE_MAX_BATCH,
         wait_ms=settings.INFERENCE_BATCH_WAIT_MS,
         max_tokens=settings.INFERENCE_MAX_BATCH_TOKENS,
+        pending=lambda: len(state.current_queries),  # the tasks this worker runs now
     )
     state.publisher = events.Publisher()
     state.heartbeat = workers.HeartbeatThread(state.name, _heartbeat_info, publisher=state.publisher)
