@@ -2,6 +2,7 @@
 engine called directly, in the same run, on the same image and settings.
 
     .venv/bin/python bench/e2e.py [--requests 200] [--concurrency 4] [--workers 1] [--max-tokens 32]
+        [--torch-threads 1]
 
 It creates (and drops) a database `sightline_bench` on the local PostgreSQL (`BENCH_DB` names
 another) and uses Redis database 14 (`BENCH_REDIS_DB`). The model is the tiny random model from
@@ -23,7 +24,16 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import BENCH_DATABASE_URL, BENCH_REDIS_DB, REPO, fresh_database, pct, spread  # noqa: E402
+from _common import (
+    BENCH_DATABASE_URL,
+    BENCH_REDIS_DB,
+    REPO,
+    fresh_database,
+    pct,
+    spread,
+    stop_on_sigterm,
+    torch_threads_env,
+)  # noqa: E402
 
 
 def fmt(values):
@@ -41,7 +51,12 @@ def main():
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1, help="Celery workers on the queue (one per GPU)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch CPU threads of every process (see bench/_common.py)"
+    )
     args = parser.parse_args()
+    stop_on_sigterm()
+    threads_env = torch_threads_env(args.torch_threads)
 
     setup_database()
     os.environ["DATABASE_URL"] = BENCH_DATABASE_URL
@@ -103,7 +118,7 @@ def main():
         name: str(getattr(settings, name))
         for name in ("WORKER_HEARTBEAT_SECONDS", "WORKER_HEARTBEAT_TTL", "SWEEP_INTERVAL_SECONDS")
     }
-    stack = Stack(log_dir, database=BENCH_DATABASE_URL, INFERENCE_MODEL=model, **production)
+    stack = Stack(log_dir, database=BENCH_DATABASE_URL, INFERENCE_MODEL=model, **production, **threads_env)
     stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}"
     stack.env["REDIS_URL"] = stack.redis_url
     stack.start_web()
@@ -179,7 +194,8 @@ def main():
     )
     print(
         f"requests per run: {args.requests}, max_tokens: {args.max_tokens}, "
-        f"mean completion tokens: {statistics.mean(engine_tokens):.1f}, device: {engine.device}"
+        f"mean completion tokens: {statistics.mean(engine_tokens):.1f}, device: {engine.device}, "
+        f"{args.torch_threads} torch thread(s) per process, load average {os.getloadavg()[0]:.2f}"
     )
     print(f"\nengine direct (1 stream)        {engine_rps:7.2f} req/s   {fmt(engine_latency)}")
     for concurrency, (latencies, rps) in results.items():

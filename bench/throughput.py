@@ -352,12 +352,16 @@ def bench_engine(args, model: str, png: bytes, batching: dict) -> dict:
         sampling=SamplingParams(max_new_tokens=args.max_tokens),
     )
     one_at_a_time = threading.Lock()
+    holding = [0]  # requests in flight: the scheduler's ``pending``, as a worker tells it its queries
+    count = threading.Lock()
 
     def client(locked: bool):
         def make():
             def one():
                 start = time.perf_counter()
                 first = None
+                with count:
+                    holding[0] += 1
                 if locked:
                     one_at_a_time.acquire()
                 try:
@@ -367,6 +371,8 @@ def bench_engine(args, model: str, png: bytes, batching: dict) -> dict:
                 finally:
                     if locked:
                         one_at_a_time.release()
+                    with count:
+                        holding[0] -= 1
                 return {
                     "latency": time.perf_counter() - start,
                     "tokens": generation.result.completion_tokens,
@@ -380,7 +386,7 @@ def bench_engine(args, model: str, png: bytes, batching: dict) -> dict:
     engine.generate(request)  # warm up
     engine.generate(request)
     results = {"engine unbatched": run_levels("engine unbatched", args.levels, args.per_level, client(True))}
-    engine.enable_batching(**batching)
+    engine.enable_batching(**batching, pending=lambda: holding[0])
     results["engine batched"] = run_levels("engine batched", args.levels, args.per_level, client(False))
     return results
 
