@@ -14,6 +14,10 @@ BENCH_DB = os.environ.get("BENCH_DB", "sightline_bench")
 BENCH_DATABASE_URL = f"{PG}/{BENCH_DB}"
 # The Redis database the benchmarks' stacks use (BENCH_REDIS_DB; 14 unless told).
 BENCH_REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "14"))
+# With DATABASE_URL or REDIS_URL set, settings want a strong SECRET_KEY: the benchmarks' own unless
+# one is set (every process they start inherits it).
+BENCH_SECRET_KEY = "sightline-benchmark-key-not-for-production-0123456789abcdefghij"
+os.environ.setdefault("SECRET_KEY", BENCH_SECRET_KEY)
 
 
 def pct(values, q):

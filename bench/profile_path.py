@@ -48,7 +48,7 @@ from _common import (
     torch_threads_env,
 )
 from PIL import Image
-from throughput import BENCH_SECRET_KEY, PROMPT, Http, closed_loop, json_client, make_key, mime_of, multipart
+from throughput import PROMPT, Http, closed_loop, json_client, make_key, mime_of, multipart
 
 SITE = "site-packages/"
 
@@ -132,7 +132,6 @@ def main():
     stop_on_sigterm()
     threads_env = torch_threads_env(args.torch_threads)
 
-    os.environ.setdefault("SECRET_KEY", BENCH_SECRET_KEY)
     os.environ["DATABASE_URL"] = BENCH_DATABASE_URL
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django

@@ -63,7 +63,6 @@ from _common import (
 
 PROMPT = "What is in this picture?"
 TARGETS = ("engine", "production", "embedded", "wrapper")
-BENCH_SECRET_KEY = "sightline-benchmark-key-not-for-production-0123456789abcdefghij"
 MAKE_KEY = """
 from accounts import services
 tenant = services.create_tenant(
@@ -577,7 +576,6 @@ def main():
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
 
-    os.environ.setdefault("SECRET_KEY", BENCH_SECRET_KEY)  # DATABASE_URL/REDIS_URL set: a strong one is needed
     os.environ["DATABASE_URL"] = BENCH_DATABASE_URL
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django
