@@ -2,11 +2,12 @@
 engine called directly, in the same run, on the same image and settings.
 
     .venv/bin/python bench/e2e.py [--requests 200] [--concurrency 4] [--workers 1] [--max-tokens 32]
+        [--torch-threads 1]
 
-It creates (and drops) a database `sightline_bench` on the local PostgreSQL and uses Redis
-database 14. The model is the tiny random model from build_tiny_model unless INFERENCE_MODEL is set:
-its answers are noise, and on the CPU its speed is nothing like GLM-4.6V-Flash on a GPU; the
-figures show what the platform adds around the engine.
+It creates (and drops) a database `sightline_bench` on the local PostgreSQL (`BENCH_DB` names
+another) and uses Redis database 14 (`BENCH_REDIS_DB`). The model is the tiny random model from
+build_tiny_model unless INFERENCE_MODEL is set: its answers are noise, and on the CPU its speed is
+nothing like GLM-4.6V-Flash on a GPU; the figures show what the platform adds around the engine.
 """
 
 import argparse
@@ -23,7 +24,16 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import BENCH_DATABASE_URL, REPO, fresh_database, pct, spread  # noqa: E402
+from _common import (
+    BENCH_DATABASE_URL,
+    BENCH_REDIS_DB,
+    REPO,
+    fresh_database,
+    pct,
+    spread,
+    stop_on_sigterm,
+    torch_threads_env,
+)  # noqa: E402
 
 
 def fmt(values):
@@ -41,7 +51,12 @@ def main():
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1, help="Celery workers on the queue (one per GPU)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch CPU threads of every process (see bench/_common.py)"
+    )
     args = parser.parse_args()
+    stop_on_sigterm()
+    threads_env = torch_threads_env(args.torch_threads)
 
     setup_database()
     os.environ["DATABASE_URL"] = BENCH_DATABASE_URL
@@ -52,7 +67,8 @@ def main():
     from django.conf import settings
 
     from accounts import services as accounts
-    from inference.engine import Engine, GenerationParams
+    from inference import chat
+    from inference.engine import Engine, EngineRequest, SamplingParams
     from inference.samples import sample_png
     from tests.stack import Stack
 
@@ -77,12 +93,17 @@ def main():
 
     image = check_image(png).image
     engine = Engine.load(model)
-    params = GenerationParams(max_new_tokens=args.max_tokens)
-    engine.generate(image, "warm up", params)
+    sampling = SamplingParams(max_new_tokens=args.max_tokens)
+
+    def ask(prompt: str) -> EngineRequest:
+        # What a worker builds from a stored /v1/glm/infer query: one user turn, the image, then the text.
+        return EngineRequest(messages=chat.one_turn(prompt, 1), images=[image], sampling=sampling)
+
+    engine.generate(ask("warm up"))
     engine_latency, engine_ttft, engine_tokens = [], [], []
     for _ in range(args.requests):
         start = time.perf_counter()
-        generation = engine.stream(image, "What is in this picture?", params)
+        generation = engine.stream(ask("What is in this picture?"))
         first = None
         for _delta in generation:
             first = first or time.perf_counter()
@@ -97,8 +118,8 @@ def main():
         name: str(getattr(settings, name))
         for name in ("WORKER_HEARTBEAT_SECONDS", "WORKER_HEARTBEAT_TTL", "SWEEP_INTERVAL_SECONDS")
     }
-    stack = Stack(log_dir, database=BENCH_DATABASE_URL, INFERENCE_MODEL=model, **production)
-    stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + "/14"
+    stack = Stack(log_dir, database=BENCH_DATABASE_URL, INFERENCE_MODEL=model, **production, **threads_env)
+    stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}"
     stack.env["REDIS_URL"] = stack.redis_url
     stack.start_web()
     for n in range(args.workers):
@@ -167,18 +188,22 @@ def main():
 
     engine_rps = 1 / statistics.mean(engine_latency)
     print(f"\nSightline end-to-end benchmark  (model: {model}; tiny random model => answers are noise)")
-    print(f"workers: {args.workers} (solo pool), heartbeat settings: {production}")
+    print(
+        f"workers: {args.workers} (each {settings.INFERENCE_MAX_BATCH} threads feeding one batch scheduler, "
+        f"gathering window {settings.INFERENCE_BATCH_WAIT_MS} ms), heartbeat settings: {production}"
+    )
     print(
         f"requests per run: {args.requests}, max_tokens: {args.max_tokens}, "
-        f"mean completion tokens: {statistics.mean(engine_tokens):.1f}, device: {engine.device}"
+        f"mean completion tokens: {statistics.mean(engine_tokens):.1f}, device: {engine.device}, "
+        f"{args.torch_threads} torch thread(s) per process, load average {os.getloadavg()[0]:.2f}"
     )
     print(f"\nengine direct (1 stream)        {engine_rps:7.2f} req/s   {fmt(engine_latency)}")
     for concurrency, (latencies, rps) in results.items():
         print(f"platform, concurrency {concurrency:<3}      {rps:7.2f} req/s   {fmt(latencies)}")
     if args.concurrency > args.workers:
         print(
-            f"  (concurrency {args.concurrency} against {args.workers} worker(s): requests wait in the queue for a "
-            "worker, so those latencies measure queueing, not the platform's overhead)"
+            f"  (concurrency {args.concurrency} against {args.workers} worker(s): queries share batches, so those "
+            "latencies include batching, not only the platform's overhead; the engine line is one query at a time)"
         )
     latencies_1 = results[1][0]
     overhead = pct(latencies_1, 50) - pct(engine_latency, 50)

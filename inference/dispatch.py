@@ -38,6 +38,7 @@ class ThreadDispatcher:
         self.load_error: str | None = None
         self.worker_name = f"embedded@{socket.gethostname()}"
         self._cancelled: set[str] = set()
+        self._holding = 0  # queries a worker thread has taken and not finished (the scheduler's ``pending``)
 
     def start(self) -> None:
         with self._lock:
@@ -95,7 +96,7 @@ class ThreadDispatcher:
         if config.backend == "transformers":
             config = replace(config, model=self.model_id)
         try:
-            self.engine = backends.open_engine(config)
+            self.engine = backends.open_engine(config, pending=lambda: self._holding)
             logger.info("model %s opened on %s (%s)", config.model, self.engine.device, config.backend)
         except EngineError as exc:
             self.load_error = exc.message
@@ -147,6 +148,8 @@ class ThreadDispatcher:
 
         while True:
             query_id = self._queue.get()
+            with self._lock:
+                self._holding += 1
             close_old_connections()
             try:
                 if self.engine is None:
@@ -171,6 +174,8 @@ class ThreadDispatcher:
                 except Exception:
                     logger.exception("could not record the failure of query %s", query_id)
             finally:
+                with self._lock:
+                    self._holding -= 1
                 close_old_connections()
 
 

@@ -71,7 +71,9 @@ def load_model_on_start(sender=None, **kwargs):
     state.started = time.time()
     config = backends.from_settings()
     try:
-        state.engine = backends.open_engine(config)
+        # pending: the tasks this worker holds now, so a query that comes alone does not wait out
+        # the batch's gathering window.
+        state.engine = backends.open_engine(config, pending=lambda: len(state.current_queries))
     except EngineError as exc:
         print(f"sightline worker: cannot load the model, not taking work: {exc.message}", file=sys.stderr, flush=True)
         os._exit(3)
@@ -157,9 +159,17 @@ def _query_of_message(raw: bytes) -> str | None:
 class CeleryDispatcher:
     """Production: queries go to the Redis queue of their model; GPU workers take them."""
 
+    # How long a "some worker has the model" answer is believed without asking Redis again. Finding
+    # the heartbeats scans Redis's keyspace (SCAN, ~65 ms at 100,000 keys), too much for every
+    # request; a worker that dies already looks alive for up to WORKER_HEARTBEAT_TTL, so believing
+    # its heartbeat 1 s longer changes nothing that matters. "No worker" is never remembered: it
+    # is asked again on every request, so the first worker to come is seen at once.
+    AVAILABLE_FOR_SECONDS = 1.0
+
     def __init__(self):
         self.queue = settings.INFERENCE_QUEUE
         self._lock = threading.Lock()
+        self._available_until = 0.0
 
     def start(self) -> None:
         pass
@@ -234,7 +244,10 @@ class CeleryDispatcher:
 
     def unavailable(self) -> str | None:
         """Why no query can run now (no live worker on this queue has the model loaded), or None."""
+        if time.monotonic() < self._available_until:
+            return None
         if self.status()["model_loaded"]:
+            self._available_until = time.monotonic() + self.AVAILABLE_FOR_SECONDS
             return None
         return (
             f"No worker has the model '{settings.INFERENCE_MODEL_NAME}' loaded on queue {self.queue}; "

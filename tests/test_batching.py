@@ -77,6 +77,45 @@ def test_the_scheduler_batches_queries_that_arrive_together(tiny_model_dir):
     assert [_summary(r) for r in results] == [_summary(engine.generate_batch([r])[0]) for r in requests]
 
 
+def test_a_query_its_worker_holds_alone_does_not_wait_out_the_window(tiny_model_dir):
+    """The worker holds one query (``pending``) and it has arrived: the batch starts without waiting
+    for company, though the window is an hour (waiting it out would fail the bound below)."""
+    engine = Engine.load(str(tiny_model_dir))
+    engine.enable_batching(max_batch=8, wait_ms=3_600_000, max_tokens=100_000, pending=lambda: 1)
+    finished = threading.Event()
+    generation = engine.stream(_request(0))
+
+    def read():
+        for _ in generation:
+            pass
+        finished.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert finished.wait(timeout=120), "the lone query waited for company that was not coming"
+    assert generation.result.choices[0].completion_tokens == 10
+
+
+def test_the_scheduler_waits_for_a_query_its_worker_holds(tiny_model_dir):
+    """The worker holds two queries and one has arrived: the scheduler waits for the other (within
+    the window) and decodes both in one batch."""
+    engine = Engine.load(str(tiny_model_dir))
+    engine.enable_batching(max_batch=8, wait_ms=3_600_000, max_tokens=100_000, pending=lambda: 2)
+    first = engine.stream(_request(0))
+    time.sleep(0.3)  # the second is still being prepared by its worker thread
+    second = engine.stream(_request(1))
+    finished = threading.Event()
+
+    def read():
+        for generation in (first, second):
+            for _ in generation:
+                pass
+        finished.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert finished.wait(timeout=120), "the scheduler kept waiting once both had arrived"
+    assert engine.scheduler.max_batch_rows == 2
+
+
 def test_the_token_budget_splits_batches(tiny_model_dir):
     engine = Engine.load(str(tiny_model_dir))
     requests = [_request(0), _request(1), _request(3)]

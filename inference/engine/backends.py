@@ -54,7 +54,7 @@ def from_settings() -> ModelBackend:
     )
 
 
-def open_engine(config: ModelBackend):
+def open_engine(config: ModelBackend, *, pending=None):
     """The engine of ``config``: the model loaded in this process (``ModelLoadError`` if it can't be),
     or a client of the engine server with its monitor started (it does not wait for the server:
     see ``RemoteEngine.wait_ready``)."""
@@ -78,6 +78,7 @@ def open_engine(config: ModelBackend):
         max_batch=config.max_batch,
         wait_ms=settings.INFERENCE_BATCH_WAIT_MS,
         max_tokens=settings.INFERENCE_MAX_BATCH_TOKENS,
+        pending=pending,
     )
     return engine
 

@@ -13,6 +13,11 @@ can take new sequences mid-flight — a paged KV cache and a model runner that s
 backend is for. Static batching keeps transformers' own cache, GLM's multimodal rope positions and
 every sampling feature, and a batch of queries arriving together decodes at nearly the cost of one.
 
+The gathering window costs a query that comes alone the whole window. A worker therefore tells
+its scheduler how many queries it holds (``pending``: taken from the queue, not yet finished);
+when every one of them has reached the scheduler, no other is on its way and the batch starts at
+once. Without ``pending`` (the engine used on its own) the window is waited out.
+
 A CUDA out-of-memory in a batch that has streamed nothing yet is retried as two halves, down to
 single queries: only a query that fails alone ends ``gpu_oom``.
 """
@@ -21,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from inference.engine.request import Delta, EngineRequest, Result
 
@@ -103,16 +109,33 @@ def run_batch(engine, generations: list[Generation]) -> None:
 
 class Scheduler:
     """The worker's one engine thread: gathers queries into batches and decodes them, one batch at a
-    time. ``submit`` returns at once; the caller iterates its ``Generation``."""
+    time. ``submit`` returns at once; the caller iterates its ``Generation``.
 
-    def __init__(self, engine, *, max_batch: int, wait_seconds: float, max_tokens: int):
+    ``pending``: how many queries the worker holds now (taken, not yet finished), or None; see the
+    module's docstring."""
+
+    # While queries are on their way, how often the gathering looks whether they all arrived.
+    POLL_SECONDS = 0.0005
+
+    def __init__(
+        self,
+        engine,
+        *,
+        max_batch: int,
+        wait_seconds: float,
+        max_tokens: int,
+        pending: Callable[[], int] | None = None,
+    ):
         self.engine = engine
         self.max_batch = max(1, max_batch)
         self.wait_seconds = max(0.0, wait_seconds)
         self.max_tokens = max_tokens
+        self.pending = pending
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._submitted = 0  # queries put in the queue (counted after the put)
+        self._settled = 0  # of them, those that have finished or failed
         # For the heartbeat and /metrics: the rows of the batch running now, and recent tokens/s.
         self.batch_rows = 0
         self.max_batch_rows = 0  # the largest batch since the worker started
@@ -124,7 +147,21 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._loop, name="sightline-scheduler", daemon=True)
                 self._thread.start()
         self._queue.put(generation)
+        with self._lock:
+            self._submitted += 1
         return generation
+
+    def _coming(self) -> int | None:
+        """Queries the worker holds that have not reached the scheduler yet; None when unknown."""
+        if self.pending is None:
+            return None
+        try:
+            holding = int(self.pending())
+        except Exception:  # noqa: BLE001 - unknown: wait the window, as without pending
+            return None
+        with self._lock:
+            in_flight = self._submitted - self._settled
+        return max(0, holding - in_flight)
 
     def _cost(self, generation: Generation) -> int:
         """Tokens of prompt and answer the query may hold in the batch (every choice)."""
@@ -143,15 +180,26 @@ class Scheduler:
         if cost >= 0:
             batch.append(first)
             budget = cost
+        else:
+            self._settled += 1  # failed in its preparation
         deadline = time.monotonic() + self.wait_seconds
         while len(batch) < self.max_batch:
-            left = deadline - time.monotonic()
             try:
-                candidate = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                candidate = self._queue.get_nowait()
             except queue.Empty:
-                break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                coming = self._coming()
+                if coming == 0:
+                    break  # every query the worker holds is here: no one to wait for
+                try:
+                    candidate = self._queue.get(timeout=left if coming is None else min(left, self.POLL_SECONDS))
+                except queue.Empty:
+                    continue
             cost = self._cost(candidate)
             if cost < 0:
+                self._settled += 1  # failed in its preparation
                 continue
             if batch and budget + cost > self.max_tokens:
                 return batch, candidate  # it opens the next batch
@@ -177,6 +225,7 @@ class Scheduler:
                     if generation.result is None:
                         generation.fail(self.engine.translate_error(RuntimeError("batch failed")))
             finally:
+                self._settled += len(batch)
                 tokens = sum(g.result.completion_tokens for g in batch if g.result is not None)
                 elapsed = max(time.monotonic() - started, 1e-6)
                 self.tokens_per_second = round(tokens / elapsed, 1)

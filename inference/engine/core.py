@@ -227,11 +227,15 @@ class Engine:
             raise EngineError("invalid_request", f"The output constraint could not be compiled: {matcher.get_error()}")
         return matcher
 
-    def enable_batching(self, *, max_batch: int, wait_ms: float, max_tokens: int) -> None:
-        """From now on ``stream`` goes through a scheduler that decodes queries together (a worker's)."""
+    def enable_batching(self, *, max_batch: int, wait_ms: float, max_tokens: int, pending=None) -> None:
+        """From now on ``stream`` goes through a scheduler that decodes queries together (a worker's).
+        ``pending``: how many queries the worker holds now (see ``batching``): with it, a query that
+        comes alone does not wait out the gathering window."""
         from inference.engine.batching import Scheduler
 
-        self.scheduler = Scheduler(self, max_batch=max_batch, wait_seconds=wait_ms / 1000, max_tokens=max_tokens)
+        self.scheduler = Scheduler(
+            self, max_batch=max_batch, wait_seconds=wait_ms / 1000, max_tokens=max_tokens, pending=pending
+        )
 
     def stream(self, request: EngineRequest, should_stop: Callable[[], bool] | None = None):
         """Start generating ``request.sampling.n`` choices of one conversation: with batching on, in
