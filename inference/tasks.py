@@ -70,6 +70,11 @@ def _wrong_queues(sender) -> str | None:
         return None
     consumed = set(amqp.queues.consume_from or ())
     own = settings.INFERENCE_QUEUE
+    if own not in consumed:
+        return (
+            f"it serves the model '{settings.INFERENCE_MODEL_NAME}', whose queue is {own}, but consumes "
+            f"{', '.join(sorted(consumed)) or 'nothing'}: start it with -Q {own} (or without -Q)"
+        )
     others = sorted(
         f"{served.queue} ({served.name})"
         for served in models_registry.registry().values()
@@ -79,11 +84,6 @@ def _wrong_queues(sender) -> str | None:
         return (
             f"it serves the model '{settings.INFERENCE_MODEL_NAME}' (queue {own}) but also consumes "
             f"{', '.join(others)}: start one worker per model, each with INFERENCE_MODEL_NAME and -Q its queue"
-        )
-    if own not in consumed:
-        return (
-            f"it serves the model '{settings.INFERENCE_MODEL_NAME}', whose queue is {own}, but consumes "
-            f"{', '.join(sorted(consumed)) or 'nothing'}: start it with -Q {own} (or without -Q)"
         )
     return None
 
