@@ -215,8 +215,7 @@ class ReadyView(APIView):
         responses={200: serializers.ReadySerializer, 503: serializers.ReadySerializer, **errors(404)},
     )
     def get(self, request):
-        model = request.query_params.get("model")
-        ready, body = health.readiness(validation.text(model, "model") if model else None)
+        ready, body = health.readiness(request.query_params.get("model") or None)
         return Response(body, status=200 if ready else 503)
 
 
