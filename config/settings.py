@@ -29,6 +29,8 @@ from config.env import (
     env_url,
     parse_database_url,
 )
+from config.models_registry import REPLACED_SETTINGS
+from config.models_registry import parse as parse_models
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("SIGHTLINE_VAR_DIR", str(BASE_DIR / "var")))
@@ -221,8 +223,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # engine thread (the batch scheduler). acks_late: a query is acknowledged only when it has ended,
 # so a worker killed mid-batch leaves every query of the batch to be delivered again.
 CELERY_WORKER_POOL = "threads"
-# With an engine server, a thread per query in flight there (ENGINE_MAX_INFLIGHT).
-CELERY_WORKER_CONCURRENCY = ENGINE_MAX_INFLIGHT if INFERENCE_BACKEND == "openai" else INFERENCE_MAX_BATCH
+# With an engine server, a thread per query in flight there (ENGINE_MAX_INFLIGHT). Set below, once
+# the model registry has said which engine this process's model has.
 CELERY_TASK_SOFT_TIME_LIMIT = INFERENCE_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = INFERENCE_HARD_TIME_LIMIT
 CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -283,6 +285,41 @@ MAX_PROMPT_TOKENS = env_int("MAX_PROMPT_TOKENS", 8192)
 # Images one request (one conversation) may carry; 0 is fine: the model answers text-only questions.
 MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 8)
 MAX_NEW_TOKENS = env_int("MAX_NEW_TOKENS", 1024)
+
+# Several models at once (config/models_registry.py): JSON, public name -> {"model", "queue"?,
+# "backend"?, "engine_url"?, "engine_api_key"?, "engine_model"?, "max_images"?, "max_new_tokens"?}.
+# Each model has its own queue and workers. Unset: the one model of the settings above.
+INFERENCE_MODELS = parse_models(
+    env_str("INFERENCE_MODELS", ""), max_images=MAX_IMAGES_PER_REQUEST, max_new_tokens=MAX_NEW_TOKENS
+)
+if INFERENCE_MODELS:
+    _replaced = [name for name in REPLACED_SETTINGS if env_str(name, "").strip()]
+    if _replaced:
+        raise ImproperlyConfigured(
+            f"{', '.join(_replaced)} cannot be set beside INFERENCE_MODELS: each model's entry says its model, "
+            "queue and engine. Unset them, and pick a process's model with INFERENCE_MODEL_NAME."
+        )
+    if not env_str("INFERENCE_MODEL_NAME", "").strip():
+        INFERENCE_MODEL_NAME = next(iter(INFERENCE_MODELS))
+    if INFERENCE_MODEL_NAME not in INFERENCE_MODELS:
+        raise ImproperlyConfigured(
+            f"INFERENCE_MODEL_NAME={INFERENCE_MODEL_NAME!r} is not a model of INFERENCE_MODELS "
+            f"({', '.join(INFERENCE_MODELS)})."
+        )
+    if EMBEDDED and len(INFERENCE_MODELS) > 1:
+        raise ImproperlyConfigured(
+            "INFERENCE_MODELS with several models needs REDIS_URL: each model has a queue and Celery workers of "
+            "its own, and the embedded default's one in-process worker serves one model."
+        )
+    # This process's model (the one a worker serves; a request without "model" asks for it), as the
+    # single-model settings that the worker's start-up, heartbeat and health check read.
+    _own = INFERENCE_MODELS[INFERENCE_MODEL_NAME]
+    INFERENCE_MODEL, INFERENCE_QUEUE, INFERENCE_BACKEND = _own.model, _own.queue, _own.backend
+    INFERENCE_ENGINE_URL, INFERENCE_ENGINE_API_KEY = _own.engine_url, _own.engine_api_key
+    INFERENCE_ENGINE_MODEL = _own.engine_model
+CELERY_WORKER_CONCURRENCY = ENGINE_MAX_INFLIGHT if INFERENCE_BACKEND == "openai" else INFERENCE_MAX_BATCH
+# A worker started without -Q consumes its model's queue.
+CELERY_TASK_DEFAULT_QUEUE = INFERENCE_QUEUE
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)
 # Remote image URLs are refused unless their host is listed here (no server-side fetching by default).
 IMAGE_URL_ALLOWED_HOSTS = env_list("IMAGE_URL_ALLOWED_HOSTS", [])

@@ -80,7 +80,7 @@ def with_rate_headers(response, query: Query):
 
 # The fields of /v1/glm/infer (JSON keys or form parts); any other is refused. /v1/queries also
 # takes a conversation (``messages``, JSON) in place of ``prompt`` and ``image``.
-INFER_FIELDS = ("image", "prompt", "max_tokens", "temperature", "top_p", "enable_thinking")
+INFER_FIELDS = ("image", "prompt", "max_tokens", "temperature", "top_p", "enable_thinking", "model")
 QUERY_FIELDS = (*INFER_FIELDS, "messages")
 
 
@@ -107,6 +107,7 @@ def submit_from(request, endpoint: str, *, fields: tuple[str, ...] = INFER_FIELD
         request.auth,
         endpoint=endpoint,
         client=client_info(request),
+        model=data.get("model"),
         extra_params={"enable_thinking": _thinking(data)},
         **conversation,
         **numbers,
@@ -133,7 +134,7 @@ class GlmInferView(KeyedAPIView):
             "multipart/form-data": serializers.InferMultipartSerializer,
             "application/json": serializers.InferJsonSerializer,
         },
-        responses={200: serializers.InferResultSerializer, **errors(*SUBMITS, 504, 507)},
+        responses={200: serializers.InferResultSerializer, **errors(*SUBMITS, 404, 504, 507)},
         examples=[
             OpenApiExample(
                 "JSON",
@@ -193,6 +194,7 @@ class HealthView(APIView):
                 "model_loaded": status["model_loaded"],
                 "mode": status["mode"],
                 "model": settings.INFERENCE_MODEL_NAME,
+                "models": services.served_models(),
             }
         )
 
@@ -204,10 +206,16 @@ class ReadyView(APIView):
     permission_classes = [AllowAny]
 
     @extend_schema(
-        operation_id="health_ready", responses={200: serializers.ReadySerializer, 503: serializers.ReadySerializer}
+        operation_id="health_ready",
+        parameters=[
+            OpenApiParameter(
+                "model", str, description="Ready for this model only (default: every served model needs a worker)."
+            )
+        ],
+        responses={200: serializers.ReadySerializer, 503: serializers.ReadySerializer, **errors(404)},
     )
     def get(self, request):
-        ready, body = health.readiness()
+        ready, body = health.readiness(request.query_params.get("model") or None)
         return Response(body, status=200 if ready else 503)
 
 
@@ -244,7 +252,7 @@ class QueryListView(KeyedAPIView):
             "multipart/form-data": serializers.InferMultipartSerializer,
             "application/json": serializers.QueryJsonSerializer,
         },
-        responses={202: serializers.QueryAcceptedSerializer, **errors(*SUBMITS)},
+        responses={202: serializers.QueryAcceptedSerializer, **errors(*SUBMITS, 404)},
         examples=[
             OpenApiExample(
                 "JSON",

@@ -299,7 +299,11 @@ def _refused(note: str, *off) -> Parameter:
 
 _LATER = "is not supported yet"
 CHAT_PARAMETERS: dict[str, Parameter] = {
-    "model": Parameter(HONOURED, "a model of GET /v1/models (default: the served model)"),
+    "model": Parameter(
+        HONOURED,
+        "a model of GET /v1/models (default: the server's `INFERENCE_MODEL_NAME`, or the tenant's first allowed "
+        'model; see "Several models")',
+    ),
     "messages": Parameter(
         HONOURED,
         "system/developer/user/assistant (tool_calls, reasoning_content)/tool messages; text and "

@@ -4,7 +4,7 @@ are the same services the REST API uses; this class only speaks the frames.
 Client frames: ``{"type": "auth", "api_key": ...}`` (first, within WS_AUTH_TIMEOUT_SECONDS, unless
 a header or the dashboard session authenticated),
 ``{"type": "infer", "prompt", "image"? (base64 or a data URI, or a list of them), "max_tokens"?, "temperature"?,
-"top_p"?}`` or ``{"type": "infer", "messages" (OpenAI's chat form), ...}``, with any decoding field of chat
+"top_p"?, "model"?}`` or ``{"type": "infer", "messages" (OpenAI's chat form), ...}``, with any decoding field of chat
 completions (``stop``, ``seed``, ``n``, ``tools``, ``response_format``, ``chat_template_kwargs`` or
 ``reasoning_effort`` for thinking, ...; ``temperature`` and ``top_p`` keep this endpoint's defaults),
 ``{"type": "cancel"}``. Server frames: ``ready``, ``queued`` (with ``query_id``), ``reasoning``
@@ -207,6 +207,7 @@ class InferConsumer(AsyncJsonWebsocketConsumer):
             self.api_key,
             endpoint=Query.Endpoint.WEBSOCKET,
             client=client,
+            model=content.get("model"),
             **conversation,
             max_tokens=content.get("max_tokens"),
             temperature=content.get("temperature"),

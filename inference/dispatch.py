@@ -46,7 +46,8 @@ class ThreadDispatcher:
                 self._thread = threading.Thread(target=self._run, name="sightline-worker", daemon=True)
                 self._thread.start()
 
-    def submit(self, query_id) -> None:
+    def submit(self, query_id, model: str | None = None) -> None:
+        """Queue a query; ``model`` changes nothing (the embedded default serves one model)."""
         self.start()
         self._queue.put(query_id)
 
@@ -64,7 +65,7 @@ class ThreadDispatcher:
         key = str(query_id)
         return lambda: key in self._cancelled
 
-    def unavailable(self) -> str | None:
+    def unavailable(self, model: str | None = None) -> str | None:
         """None: this thread answers every query itself (model_unavailable, with the load error,
         when its model failed to load)."""
         return None
@@ -77,14 +78,20 @@ class ThreadDispatcher:
         from inference import workers
         from inference.engine import backends
 
+        loaded = self.engine is not None and self.engine.loaded
+        batching = [{"worker": self.worker_name, **workers.batch_info(self.engine)}]
+        engines = [{"worker": self.worker_name, **backends.engine_status(self.engine)}] if self.engine else []
+        own = {"queue": "embedded", "model_loaded": loaded, "workers": 1, "batching": batching, "engines": engines}
         return {
             "mode": "embedded",
             "model": self.model_id,
-            "model_loaded": self.engine is not None and self.engine.loaded,
+            "model_loaded": loaded,
             "model_error": self.load_error,
             "queue_depth": self._queue.qsize(),
-            "batching": [{"worker": self.worker_name, **workers.batch_info(self.engine)}],
-            "engines": [{"worker": self.worker_name, **backends.engine_status(self.engine)}] if self.engine else [],
+            "batching": batching,
+            "engines": engines,
+            # per public model name, as the Celery dispatcher gives it: the one model served here
+            "models": {settings.INFERENCE_MODEL_NAME: own},
         }
 
     def _load(self) -> None:

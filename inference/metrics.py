@@ -11,13 +11,17 @@ answers for all of them, and a restart loses nothing:
   The ``tenant`` label only when ``METRICS_TOKEN`` is set (the scraper proved it holds it); the
   open endpoint gives the same series summed over all tenants, without the label.
 * ``sightline_queue_depth{model}`` and ``sightline_queries_running{model}`` — accepted queries
-  waiting for a worker, and running.
-* ``sightline_recent_{queue,first_token,total}_seconds{quantile}`` — p50/p90/p99 over the queries
-  that succeeded in the last ``METRICS_WINDOW_SECONDS`` (300): time queued, to the first token,
-  and in all.
-* ``sightline_workers{queue}`` — live workers with the model loaded (1 for the embedded thread).
-* ``sightline_worker_batch_rows{worker}``, ``sightline_worker_max_batch_rows{worker}`` and
-  ``sightline_worker_tokens_per_second{worker}`` — each worker's batching, from its heartbeat.
+  waiting for a worker, and running, per served model.
+* ``sightline_recent_{queue,first_token,total}_seconds{model,quantile}`` — p50/p90/p99 per model
+  over the queries that succeeded in the last ``METRICS_WINDOW_SECONDS`` (300): time queued, to the
+  first token, and in all.
+* ``sightline_workers{model,queue}`` — live workers with the model loaded, per served model (1 for
+  the embedded thread).
+* ``sightline_worker_batch_rows{model,worker}``, ``sightline_worker_max_batch_rows{model,worker}``
+  and ``sightline_worker_tokens_per_second{model,worker}`` — each worker's batching, from its heartbeat.
+
+The usage series (requests, tokens, durations) come from the daily rollups, which are per tenant
+and key, not per model: they carry no ``model`` label.
 """
 
 import itertools
@@ -52,27 +56,32 @@ class SightlineCollector:
         yield from self._live()
         yield from self._recent()
         status = get_dispatcher().status()
-        workers = GaugeMetricFamily("sightline_workers", "Live workers with the model loaded", labels=["queue"])
-        workers.add_metric([status.get("queue", "embedded")], status.get("workers", 1) if status["model_loaded"] else 0)
+        workers = GaugeMetricFamily(
+            "sightline_workers", "Live workers with the model loaded", labels=["model", "queue"]
+        )
+        for model, served in status["models"].items():
+            workers.add_metric([model, served["queue"]], served["workers"] if served["model_loaded"] else 0)
         yield workers
-        yield from self._batching(status.get("batching", []))
+        yield from self._batching(status["models"])
 
-    def _batching(self, batching: list[dict]):
+    def _batching(self, models: dict):
         """Per worker, from its heartbeat: the batch it decodes now, its largest, its tokens/s."""
+        labels = ["model", "worker"]
         families = {
             "batch_rows": GaugeMetricFamily(
-                "sightline_worker_batch_rows", "Sequences in the batch a worker decodes now", labels=["worker"]
+                "sightline_worker_batch_rows", "Sequences in the batch a worker decodes now", labels=labels
             ),
             "max_batch_rows": GaugeMetricFamily(
-                "sightline_worker_max_batch_rows", "The largest batch a worker has decoded", labels=["worker"]
+                "sightline_worker_max_batch_rows", "The largest batch a worker has decoded", labels=labels
             ),
             "tokens_per_second": GaugeMetricFamily(
-                "sightline_worker_tokens_per_second", "Tokens per second of a worker's last batch", labels=["worker"]
+                "sightline_worker_tokens_per_second", "Tokens per second of a worker's last batch", labels=labels
             ),
         }
-        for worker in batching:
-            for key, family in families.items():
-                family.add_metric([str(worker.get("worker", "?"))], float(worker.get(key) or 0))
+        for model, served in models.items():
+            for worker in served.get("batching", []):
+                for key, family in families.items():
+                    family.add_metric([model, str(worker.get("worker", "?"))], float(worker.get(key) or 0))
         yield from families.values()
 
     def _usage(self):
@@ -124,22 +133,23 @@ class SightlineCollector:
         window = settings.METRICS_WINDOW_SECONDS
         since = timezone.now() - timedelta(seconds=window)
         rows = Query.objects.filter(created_at__gte=since, status=Query.Status.SUCCEEDED).values_list(
-            "created_at", "started_at", "first_token_at", "finished_at"
+            "model", "created_at", "started_at", "first_token_at", "finished_at"
         )
-        spans = {"queue": [], "first_token": [], "total": []}
-        for created, started, first_token, finished in rows:
+        spans = {"queue": {}, "first_token": {}, "total": {}}  # per model
+        for model, created, started, first_token, finished in rows:
             for name, end in (("queue", started), ("first_token", first_token), ("total", finished)):
                 if end is not None:
-                    spans[name].append((end - created).total_seconds())
+                    spans[name].setdefault(model, []).append((end - created).total_seconds())
         for name, what in (("queue", "queued"), ("first_token", "to the first token"), ("total", "in all")):
             family = GaugeMetricFamily(
                 f"sightline_recent_{name}_seconds",
                 f"Time {what}, queries that succeeded in the last {window} s",
-                labels=["quantile"],
+                labels=["model", "quantile"],
             )
-            ordered = sorted(spans[name])
-            for q in QUANTILES if ordered else ():
-                family.add_metric([str(q)], _quantile(ordered, q))
+            for model, values in sorted(spans[name].items()):
+                ordered = sorted(values)
+                for q in QUANTILES:
+                    family.add_metric([model, str(q)], _quantile(ordered, q))
             yield family
 
 

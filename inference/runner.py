@@ -22,11 +22,13 @@ from inference.models import Query
 logger = logging.getLogger("sightline.runner")
 
 
-def claim(query_id, worker: str) -> bool:
-    """Mark a queued query running. False when another worker has it, or it is finished."""
-    updated = Query.objects.filter(pk=query_id, status=Query.Status.QUEUED).update(
-        status=Query.Status.RUNNING, started_at=timezone.now(), worker=worker
-    )
+def claim(query_id, worker: str, model: str | None = None) -> bool:
+    """Mark a queued query running. False when another worker has it, or it is finished, or (given
+    ``model``, the worker's) it is another model's."""
+    rows = Query.objects.filter(pk=query_id, status=Query.Status.QUEUED)
+    if model is not None:
+        rows = rows.filter(model=model)
+    updated = rows.update(status=Query.Status.RUNNING, started_at=timezone.now(), worker=worker)
     return updated == 1
 
 
@@ -203,10 +205,12 @@ def execute(
     publisher: events.Publisher,
     worker: str,
     should_stop: Callable[[], bool] | None = None,
+    model: str | None = None,
 ) -> str | None:
-    """Run one query to its outcome. Returns the final status, or None when it was not ours to run."""
-    if not claim(query_id, worker):
-        logger.info("query %s is not queued any more; not running it again", query_id)
+    """Run one query to its outcome. Returns the final status, or None when it was not ours to run
+    (claimed or finished already, or, given ``model``, another model's)."""
+    if not claim(query_id, worker, model):
+        logger.info("query %s is not queued for this worker's model any more; not running it here", query_id)
         return None
     query = Query.objects.get(pk=query_id)
     publisher.publish(query_id, {"type": events.STARTED, "query_id": str(query_id)})

@@ -30,6 +30,11 @@ class _Numbers(serializers.Serializer):
     enable_thinking = serializers.BooleanField(
         required=False, allow_null=True, help_text="GLM thinks before answering (default false: faster)"
     )
+    model = serializers.CharField(
+        required=False,
+        allow_null=True,
+        help_text="A model of GET /v1/models (default: the server's INFERENCE_MODEL_NAME, if this key may use it)",
+    )
 
 
 class _InferParams(_Numbers):
@@ -117,7 +122,8 @@ class HealthSerializer(serializers.Serializer):
     status = serializers.CharField()
     model_loaded = serializers.BooleanField()
     mode = serializers.CharField()
-    model = serializers.CharField()
+    model = serializers.CharField(help_text="the model a request without `model` asks for")
+    models = serializers.ListField(child=serializers.CharField(), help_text="every served model")
 
 
 class QueryInputSerializer(InferMultipartSerializer):
@@ -230,8 +236,8 @@ class ReadySerializer(serializers.Serializer):
     status = serializers.CharField(help_text="ok or unavailable")
     database = serializers.BooleanField()
     redis = serializers.BooleanField(allow_null=True)
-    model_loaded = serializers.BooleanField()
-    queues = serializers.DictField()
+    model_loaded = serializers.BooleanField(help_text="every served model (or the one asked for) has a live worker")
+    queues = serializers.DictField(help_text="per queue: its model, whether it is loaded, its workers and engines")
 
 
 class QueryPageSerializer(serializers.Serializer):

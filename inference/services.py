@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from accounts import quotas
-from config import shutdown
+from config import models_registry, shutdown
 from config.errors import STATUS, ApiError
 from inference import chat, events, runner, validation
 from inference.dispatch import get_dispatcher
@@ -72,12 +72,13 @@ class Conversation:
     image_params: list[str]  # the request field of each image, in order, for its errors
 
 
-def check_conversation(*, messages: list | None = None, prompt=None, images: int = 0) -> Conversation:
+def check_conversation(*, messages: list | None = None, prompt=None, images: int = 0, served=None) -> Conversation:
     """Either ``messages`` (the template form, as ``chat.parse_messages`` makes it) or a ``prompt``
     asked about ``images`` images (one user message: the images, then the text). Bounded as a
-    whole (characters, tokens, images) before admission spends anything."""
+    whole (characters, tokens, images; ``served``: the registry entry of the model asked for, whose
+    limits and tokenizer apply) before admission spends anything."""
     if messages is None:
-        validation.check_image_count(images, field="image")
+        validation.check_image_count(images, field="image", served=served)
         prompt = check_prompt(prompt)
         messages = chat.one_turn(prompt, images)
         field = "prompt"
@@ -90,7 +91,7 @@ def check_conversation(*, messages: list | None = None, prompt=None, images: int
         prompt = chat.last_user_text(messages)
         image_params = [f"messages[{i}].content[{j}]" for i, j in places]
     texts = [chat.text_of(message) for message in messages]
-    validation.check_conversation_size(texts, images=images, field=field)
+    validation.check_conversation_size(texts, images=images, field=field, served=served)
     return Conversation(messages=messages, prompt=prompt, texts=texts, image_params=image_params)
 
 
@@ -103,12 +104,14 @@ class Params:
     top_p: float
 
 
-def check_params(*, max_tokens=None, temperature=None, top_p=None) -> Params:
+def check_params(*, max_tokens=None, temperature=None, top_p=None, served=None) -> Params:
     """The cheap checks, run before admission spends anything. Numbers are JSON numbers; multipart
-    forms convert theirs with ``validation.form_number`` first."""
+    forms convert theirs with ``validation.form_number`` first. ``served``: the registry entry of
+    the model asked for, whose max_new_tokens bounds max_tokens."""
+    ceiling = settings.MAX_NEW_TOKENS if served is None else min(settings.MAX_NEW_TOKENS, served.max_new_tokens)
     return Params(
         max_tokens=validation.number(
-            max_tokens, "max_tokens", int, 1, settings.MAX_NEW_TOKENS, settings.DEFAULT_MAX_TOKENS
+            max_tokens, "max_tokens", int, 1, ceiling, min(settings.DEFAULT_MAX_TOKENS, ceiling)
         ),
         temperature=validation.temperature(temperature),
         top_p=validation.number(top_p, "top_p", float, 0.0, 1.0, 1.0),
@@ -147,26 +150,41 @@ def check_input(
 
 
 def served_models() -> list[str]:
-    return [settings.INFERENCE_MODEL_NAME]
+    """The public names of the registered models (config/models_registry.py), in its order."""
+    return models_registry.names()
 
 
 def serves_tiny_model() -> bool:
-    """Whether INFERENCE_MODEL is the random test model of build_tiny_model (pages then say its
-    answers are noise)."""
-    return tiny_model.is_tiny_model(settings.INFERENCE_MODEL)
+    """Whether this process's model is the random test model of build_tiny_model (pages then say
+    its answers are noise)."""
+    return tiny_model.is_tiny_model(models_registry.own().model)
+
+
+def _model_not_found(model: str) -> ApiError:
+    shown = model if len(model) <= 100 else model[:100] + "..."
+    return ApiError(
+        "model_not_found",
+        f"The model '{shown}' does not exist or this key may not use it; GET /v1/models lists yours.",
+        param="model",
+    )
 
 
 def check_model(api_key, model: str | None) -> str:
-    """The model a request asks for, if the platform serves it and the key's tenant may use it."""
+    """The model a request asks for, if the platform serves it and the key's tenant may use it.
+    Left out: this process's model (INFERENCE_MODEL_NAME) if the tenant may use it, else the first
+    registered model it may use."""
     model = validation.text(model, "model")
     if model in (None, ""):
-        return settings.INFERENCE_MODEL_NAME
+        usable = [m for m in served_models() if api_key.tenant.may_use(m)]
+        if not usable:
+            raise ApiError(
+                "model_not_found",
+                "This key's tenant may use none of the models served here; GET /v1/models lists yours.",
+                param="model",
+            )
+        return settings.INFERENCE_MODEL_NAME if settings.INFERENCE_MODEL_NAME in usable else usable[0]
     if model not in served_models() or not api_key.tenant.may_use(model):
-        raise ApiError(
-            "model_not_found",
-            f"The model '{model}' does not exist or this key may not use it; GET /v1/models lists yours.",
-            param="model",
-        )
+        raise _model_not_found(model)
     return model
 
 
@@ -250,8 +268,9 @@ def submit(
     query carries ``rate_limit_headers`` for the response.
     """
     model = check_model(api_key, model)
-    conversation = check_conversation(messages=messages, prompt=prompt, images=len(images))
-    params = check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    served = models_registry.get(model)
+    conversation = check_conversation(messages=messages, prompt=prompt, images=len(images), served=served)
+    params = check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, served=served)
     # n choices may each write max_tokens: the reservation covers them all.
     admission = quotas.admit(
         api_key, prompt="\n".join(conversation.texts), images=len(images), max_tokens=params.max_tokens * choices
@@ -297,18 +316,18 @@ def cancel(query_id) -> None:
 
 
 def dispatch(query: Query, *, queue_without_worker: bool = False) -> None:
-    """Hand a committed query to a worker.
+    """Hand a committed query to a worker of its model (its model's queue).
 
     A caller that waits for the answer (sync endpoints, SSE, the websocket) learns at once that no
     worker has the model loaded: the query ends ``model_unavailable`` (503) instead of waiting out
     its timeout. An async job (``queue_without_worker``) stays queued for a worker to come, until
     MAX_QUEUED_SECONDS."""
     dispatcher = get_dispatcher()
-    reason = None if queue_without_worker else dispatcher.unavailable()
+    reason = None if queue_without_worker else dispatcher.unavailable(query.model)
     if reason is not None:
         runner.fail(query.pk, "model_unavailable", reason, publisher=_get_publisher())
         return
-    dispatcher.submit(query.pk)
+    dispatcher.submit(query.pk, query.model)
 
 
 def _finished(query_id) -> bool:

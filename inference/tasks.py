@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from config import models_registry
 from config.celery import app  # noqa: F401 - the configured app, also in the web process
 from inference import events, runner, workers
 from inference.engine import backends
@@ -60,6 +61,33 @@ def _heartbeat_info() -> dict:
     }
 
 
+def _wrong_queues(sender) -> str | None:
+    """Why this worker's queues (``-Q``; none: CELERY_TASK_DEFAULT_QUEUE) do not fit its model, or
+    None: it must consume its model's queue and no other model's, or it would run queries on the
+    wrong model (or none would reach it)."""
+    amqp = getattr(getattr(sender, "app", None), "amqp", None)
+    if amqp is None:
+        return None
+    consumed = set(amqp.queues.consume_from or ())
+    own = settings.INFERENCE_QUEUE
+    if own not in consumed:
+        return (
+            f"it serves the model '{settings.INFERENCE_MODEL_NAME}', whose queue is {own}, but consumes "
+            f"{', '.join(sorted(consumed)) or 'nothing'}: start it with -Q {own} (or without -Q)"
+        )
+    others = sorted(
+        f"{served.queue} ({served.name})"
+        for served in models_registry.registry().values()
+        if served.queue in consumed and served.queue != own
+    )
+    if others:
+        return (
+            f"it serves the model '{settings.INFERENCE_MODEL_NAME}' (queue {own}) but also consumes "
+            f"{', '.join(others)}: start one worker per model, each with INFERENCE_MODEL_NAME and -Q its queue"
+        )
+    return None
+
+
 @worker_init.connect
 def load_model_on_start(sender=None, **kwargs):
     """Open the engine once, before the worker takes any work: load the model (exit with a clear
@@ -69,6 +97,10 @@ def load_model_on_start(sender=None, **kwargs):
     hostname = getattr(sender, "hostname", None) or f"worker@{os.uname().nodename}"
     state.name = f"{hostname}:{os.getpid()}"
     state.started = time.time()
+    wrong = _wrong_queues(sender)
+    if wrong:
+        print(f"sightline worker: {wrong}; not taking work", file=sys.stderr, flush=True)
+        os._exit(3)
     config = backends.from_settings()
     try:
         # pending: the tasks this worker holds now, so a query that comes alone does not wait out
@@ -124,17 +156,44 @@ def run_query(query_id: str) -> str | None:
     try:
         backends.wait_engine(state.engine)
         close_old_connections()
-        return runner.execute(
+        outcome = runner.execute(
             query_id,
             state.engine,
             state.publisher,
             state.name,
             should_stop=workers.cancel_checker(query_id),
+            model=settings.INFERENCE_MODEL_NAME,
         )
+        if outcome is None:
+            _send_on_if_misrouted(query_id)
+        return outcome
     finally:
         with state.lock:
             state.current_queries.discard(query_id)
         close_old_connections()
+
+
+def _send_on_if_misrouted(query_id: str) -> None:
+    """A queued query of another model reached this worker (a message sent while the registry said
+    otherwise): it was not run here; send it to its own model's queue (if that model is registered;
+    else it waits, and ends after MAX_QUEUED_SECONDS)."""
+    from inference.models import Query
+
+    model = (
+        Query.objects.filter(pk=query_id, status=Query.Status.QUEUED)
+        .exclude(model=settings.INFERENCE_MODEL_NAME)
+        .values_list("model", flat=True)
+        .first()
+    )
+    if model is None:
+        return
+    try:
+        queue = CeleryDispatcher.queue_of(model)
+    except LookupError:
+        logger.error("query %s is for the model '%s', which is not registered here; left queued", query_id, model)
+        return
+    logger.warning("query %s is for the model '%s', not this worker's: sent on to %s", query_id, model, queue)
+    run_query.apply_async(args=[str(query_id)], queue=queue)
 
 
 def _query_of_message(raw: bytes) -> str | None:
@@ -157,7 +216,8 @@ def _query_of_message(raw: bytes) -> str | None:
 
 
 class CeleryDispatcher:
-    """Production: queries go to the Redis queue of their model; GPU workers take them."""
+    """Production: queries go to the Redis queue of their model (the registry's,
+    config/models_registry.py); each model's GPU workers take them."""
 
     # How long a "some worker has the model" answer is believed without asking Redis again. Finding
     # the heartbeats scans Redis's keyspace (SCAN, ~65 ms at 100,000 keys), too much for every
@@ -167,15 +227,27 @@ class CeleryDispatcher:
     AVAILABLE_FOR_SECONDS = 1.0
 
     def __init__(self):
-        self.queue = settings.INFERENCE_QUEUE
         self._lock = threading.Lock()
-        self._available_until = 0.0
+        self._available_until: dict[str, float] = {}
+
+    @property
+    def queue(self) -> str:
+        """This process's own model's queue."""
+        return settings.INFERENCE_QUEUE
 
     def start(self) -> None:
         pass
 
-    def submit(self, query_id) -> None:
-        run_query.apply_async(args=[str(query_id)], queue=self.queue)
+    @staticmethod
+    def queue_of(model: str | None) -> str:
+        """The queue of a registered model (None: this process's own); ``LookupError`` for another."""
+        served = models_registry.own() if model is None else models_registry.get(model)
+        if served is None:
+            raise LookupError(f"the model '{model}' is not in the registry (INFERENCE_MODELS)")
+        return served.queue
+
+    def submit(self, query_id, model: str | None = None) -> None:
+        run_query.apply_async(args=[str(query_id)], queue=self.queue_of(model))
 
     def cancel(self, query_id) -> None:
         workers.request_cancel(query_id)
@@ -224,53 +296,73 @@ class CeleryDispatcher:
                 channel.qos.restore_by_tag(held[str(query_id)], client=redis_client)
                 counts["redelivered"] += 1
 
+            # Every registered model's rows, each sent to its model's queue (one sweeper serves them all).
+            queues = {served.name: served.queue for served in models_registry.registry().values()}
             cutoff = timezone.now() - timedelta(seconds=undispatched_after)
             old_queued = [
-                str(query_id)
-                for query_id in Query.objects.filter(
-                    status=Query.Status.QUEUED, model=settings.INFERENCE_MODEL_NAME, created_at__lt=cutoff
+                (str(query_id), model)
+                for query_id, model in Query.objects.filter(
+                    status=Query.Status.QUEUED, model__in=list(queues), created_at__lt=cutoff
                 )
                 .order_by("created_at")
-                .values_list("pk", flat=True)[:limit]
+                .values_list("pk", "model")[:limit]
             ]
             if not old_queued:
                 return counts
-            waiting = {_query_of_message(raw) for raw in redis_client.lrange(self.queue, 0, -1)}
-            for query_id in old_queued:
+            waiting = {
+                _query_of_message(raw)
+                for queue in {queues[model] for _, model in old_queued}
+                for raw in redis_client.lrange(queue, 0, -1)
+            }
+            for query_id, model in old_queued:
                 if query_id not in waiting and query_id not in held and query_id not in held_by_live:
-                    self.submit(query_id)
+                    self.submit(query_id, model)
                     counts["dispatched_again"] += 1
         return counts
 
-    def unavailable(self) -> str | None:
-        """Why no query can run now (no live worker on this queue has the model loaded), or None."""
-        if time.monotonic() < self._available_until:
+    def unavailable(self, model: str | None = None) -> str | None:
+        """Why no query of ``model`` (None: this process's own) can run now — no live worker on its
+        queue has it loaded — or None. A model seen served is believed for AVAILABLE_FOR_SECONDS
+        (reading the heartbeats costs a Redis scan); one seen unserved is never remembered."""
+        name = model or settings.INFERENCE_MODEL_NAME
+        if time.monotonic() < self._available_until.get(name, 0.0):
             return None
-        if self.status()["model_loaded"]:
-            self._available_until = time.monotonic() + self.AVAILABLE_FOR_SECONDS
+        served = self.status()["models"].get(name)
+        if served is not None and served["model_loaded"]:
+            self._available_until[name] = time.monotonic() + self.AVAILABLE_FOR_SECONDS
+        if served is None or served["model_loaded"]:
             return None
         return (
-            f"No worker has the model '{settings.INFERENCE_MODEL_NAME}' loaded on queue {self.queue}; "
+            f"No worker has the model '{name}' loaded on queue {served['queue']}; "
             "GET /health/ready answers 200 once one has. Retry then, or submit an async job (POST /v1/queries)."
         )
 
     def status(self) -> dict:
+        """Per registered model (``models``): its queue and the live workers on it, from their
+        heartbeats; at the top, this process's own model's, as before there were several."""
         try:
-            live = [w for w in workers.live_workers() if w.get("queue") == self.queue]
+            live = workers.live_workers()
         except Exception:  # noqa: BLE001 - Redis down: no worker can be seen
             live = []
+        models = {}
+        for served in models_registry.registry().values():
+            mine = [w for w in live if w.get("queue") == served.queue]
+            models[served.name] = {
+                "queue": served.queue,
+                "model_loaded": any(w.get("model_loaded") for w in mine),
+                "workers": len(mine),
+                "engines": [{"worker": w.get("name", "?"), **(w.get("engine") or {})} for w in mine],
+                "batching": [
+                    {
+                        "worker": w.get("name", "?"),
+                        **{k: w.get(k, 0) for k in ("batch_rows", "max_batch_rows", "tokens_per_second")},
+                    }
+                    for w in mine
+                ],
+            }
         return {
             "mode": "celery",
             "model": settings.INFERENCE_MODEL_NAME,
-            "model_loaded": any(w.get("model_loaded") for w in live),
-            "workers": len(live),
-            "engines": [{"worker": w.get("name", "?"), **(w.get("engine") or {})} for w in live],
-            "queue": self.queue,
-            "batching": [
-                {
-                    "worker": w.get("name", "?"),
-                    **{k: w.get(k, 0) for k in ("batch_rows", "max_batch_rows", "tokens_per_second")},
-                }
-                for w in live
-            ],
+            **models[settings.INFERENCE_MODEL_NAME],
+            "models": models,
         }

@@ -181,10 +181,11 @@ def _tokenizer(model: str):
         return None
 
 
-def prompt_tokens(texts: list[str], *, images: int) -> int:
-    """The conversation's prompt tokens: its texts counted with the model's tokenizer (else one
-    token per character, an upper bound), plus a bound per image, per message and for the template."""
-    tokenizer = _tokenizer(settings.INFERENCE_MODEL)
+def prompt_tokens(texts: list[str], *, images: int, model: str | None = None) -> int:
+    """The conversation's prompt tokens: its texts counted with the model's tokenizer (``model``: a
+    hub id or path, by default INFERENCE_MODEL; else one token per character, an upper bound), plus
+    a bound per image, per message and for the template."""
+    tokenizer = _tokenizer(model or settings.INFERENCE_MODEL)
     if tokenizer is None:
         counted = sum(len(t) for t in texts)
     else:
@@ -194,28 +195,33 @@ def prompt_tokens(texts: list[str], *, images: int) -> int:
     )
 
 
-def check_image_count(images: int, *, field: str) -> None:
-    """At most MAX_IMAGES_PER_REQUEST images in one request (none is fine: text-only)."""
+def check_image_count(images: int, *, field: str, served=None) -> None:
+    """At most MAX_IMAGES_PER_REQUEST images in one request (none is fine: text-only), and at most
+    the ``max_images`` of the model asked for (``served``, its registry entry), when given."""
     limit = settings.MAX_IMAGES_PER_REQUEST
+    where = "per request (MAX_IMAGES_PER_REQUEST)"
+    if served is not None and served.max_images < limit:
+        limit, where = served.max_images, f"for the model '{served.name}'"
     if images > limit:
         raise refuse(
             field,
-            f"'{field}' has {images} images; the limit is {limit} per request "
-            "(MAX_IMAGES_PER_REQUEST). Send fewer images, or several requests.",
+            f"'{field}' has {images} images; the limit is {limit} {where}. Send fewer images, or several requests.",
         )
 
 
-def check_conversation_size(texts: list[str], *, images: int, field: str) -> None:
-    """All of a conversation's text together within MAX_PROMPT_CHARS and MAX_PROMPT_TOKENS, and its
-    images within MAX_IMAGES_PER_REQUEST. ``texts``: what the template renders of each message."""
+def check_conversation_size(texts: list[str], *, images: int, field: str, served=None) -> None:
+    """All of a conversation's text together within MAX_PROMPT_CHARS and MAX_PROMPT_TOKENS (counted
+    with the tokenizer of ``served``, the registry entry of the model asked for, when given), and
+    its images within MAX_IMAGES_PER_REQUEST and the model's max_images. ``texts``: what the
+    template renders of each message."""
     chars = sum(len(t) for t in texts)
     if chars > settings.MAX_PROMPT_CHARS:
         raise refuse(
             field,
             f"'{field}' is {chars:,} characters (all messages together); the limit is {settings.MAX_PROMPT_CHARS:,}.",
         )
-    check_image_count(images, field=field)
-    tokens = prompt_tokens(texts, images=images)
+    check_image_count(images, field=field, served=served)
+    tokens = prompt_tokens(texts, images=images, model=served.model if served is not None else None)
     if tokens > settings.MAX_PROMPT_TOKENS:
         raise refuse(
             field,

@@ -37,7 +37,7 @@ def _image_response(query_id, position: int = 0, tenant_id=None) -> HttpResponse
 @login_required
 def query_list(request):
     membership = dashboard.current_membership(request)
-    filters = {name: request.GET.get(name, "") for name in ("status", "endpoint", "key", "before")}
+    filters = {name: request.GET.get(name, "") for name in ("status", "endpoint", "model", "key", "before")}
     queries = (
         selectors.tenant_queries(membership.tenant_id).defer("answer", "params", "messages").select_related("api_key")
     )
@@ -45,6 +45,8 @@ def query_list(request):
         queries = queries.filter(status=filters["status"])
     if filters["endpoint"] in Query.Endpoint.values:
         queries = queries.filter(endpoint=filters["endpoint"])
+    if filters["model"]:
+        queries = queries.filter(model=filters["model"][:200])
     if filters["key"].isdigit():
         queries = queries.filter(api_key_id=int(filters["key"]))
     if filters["before"]:  # keyset pagination: no OFFSET, no COUNT over millions of rows
@@ -71,6 +73,8 @@ def query_list(request):
             next_params=next_params,
             statuses=Query.Status.values,
             endpoints=Query.Endpoint.values,
+            # the served models (the registry), not a SELECT DISTINCT over the tenant's log
+            models=[m for m in services.served_models() if membership.tenant.may_use(m)],
             api_keys=membership.tenant.api_keys.order_by("name"),
         ),
     )

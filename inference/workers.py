@@ -2,7 +2,7 @@
 
 * Each Celery worker writes ``<prefix>:worker:<name>`` every WORKER_HEARTBEAT_SECONDS with a TTL of
   WORKER_HEARTBEAT_TTL: its queue, model, whether the model is loaded, and the query it runs.
-  ``/health/ready`` reads these.
+  ``/health/ready`` reads these, per model (each registered model's queue).
 * A client that cancels (or disconnects) sets ``<prefix>:cancel:<query id>``; the worker running
   that query checks it between tokens and stops.
 * The sweeper fails ``running`` queries whose worker has no heartbeat any more (``worker_lost``)
@@ -10,7 +10,8 @@
   whose process died before settling them; and after Redis lost its data, rebuilds the quota
   counters from PostgreSQL and dispatches the queued queries again. Every worker runs it from its
   heartbeat thread, one at a time across workers by a Redis lock; ``manage.py sweep_queries`` runs
-  it by hand or from cron.
+  it by hand or from cron. One sweeper serves every registered model: what it dispatches again goes
+  to the queue of the query's model.
 """
 
 import json
@@ -27,6 +28,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from accounts import quotas
+from config import models_registry
 from config.redis import client
 from config.redis import key as _key
 
@@ -258,10 +260,11 @@ def recover_lost_redis() -> dict:
     at = quotas.now()
     keys = restore_quotas()
     dispatcher = get_dispatcher()
-    queued = Query.objects.filter(status=Query.Status.QUEUED, model=settings.INFERENCE_MODEL_NAME)
+    # Every registered model's queued rows, each to its model's queue.
+    queued = Query.objects.filter(status=Query.Status.QUEUED, model__in=models_registry.names())
     requeued = 0
-    for query_id in queued.order_by("created_at").values_list("pk", flat=True).iterator():
-        dispatcher.submit(query_id)
+    for query_id, model in queued.order_by("created_at").values_list("pk", "model").iterator():
+        dispatcher.submit(query_id, model)
         requeued += 1
     backend.mark_restored(at)
     logger.warning("quota counters of %d keys rebuilt; %d queued queries dispatched again", keys, requeued)

@@ -60,15 +60,23 @@ class Stack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.port: int | None = None
         self._argv: dict[str, list[str]] = {}
+        self._env: dict[str, dict] = {}  # what a process adds to the stack's environment (start_worker's env)
         self._supervised: dict[str, threading.Event] = {}
         self._lock = threading.Lock()  # a supervisor's restart against kill()/stop()
         self.restarts: dict[str, int] = {}
 
     # --- processes -------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], mode: str = "w") -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], mode: str = "w", env: dict | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", mode)  # noqa: SIM115 - owned by the process
+        if env is not None:
+            self._env[name] = env
         process = subprocess.Popen(
-            argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=REPO,
+            env={**self.env, **self._env.get(name, {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.processes[name] = process
         self._argv[name] = argv
@@ -99,7 +107,9 @@ class Stack:
         self._spawn("web", [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(self.port)])
         return self.port
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def start_worker(self, name: str, queue: str | None = None, **env) -> subprocess.Popen:
+        """A Celery worker on ``queue`` (default: the stack's), its environment the stack's plus ``env``
+        (e.g. INFERENCE_MODEL_NAME: which registered model it serves)."""
         argv = [
             sys.executable,
             "-m",
@@ -108,7 +118,7 @@ class Stack:
             "config",
             "worker",
             "-Q",
-            self.queue,
+            queue or self.queue,
             "-n",
             f"{name}-{self.tag}@%h",
             "--without-gossip",
@@ -116,7 +126,7 @@ class Stack:
             "--loglevel",
             "INFO",
         ]
-        return self._spawn(name, argv)
+        return self._spawn(name, argv, env=env)
 
     def kill(self, name: str, sig=signal.SIGKILL, timeout: float = 30) -> None:
         """Signal a process's whole group and wait for it (its supervision ends first); forgotten only
@@ -184,18 +194,20 @@ class Stack:
                 raise RuntimeError(f"web did not answer /health within {timeout} s:\n{self.log('web')}")
             time.sleep(0.2)
 
-    def wait_ready(self, workers: int = 1, timeout: float = 120) -> dict:
-        """Wait (bounded) until /health/ready sees `workers` live workers with the model loaded."""
+    def wait_ready(self, workers: int = 1, timeout: float = 120, queues: dict[str, int] | None = None) -> dict:
+        """Wait (bounded) until /health/ready sees `workers` live workers with the model loaded (or,
+        given `queues`, that many on each of those queues)."""
         deadline = time.monotonic() + timeout
         body: dict = {}
+        wanted = queues or {self.queue: workers}
         while time.monotonic() < deadline:
             for name, process in self.processes.items():
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited early:\n{self.log(name)}")
             try:
                 status, body = self.get_json("/health/ready")
-                queue = body.get("queues", {}).get(self.queue, {})
-                if status == 200 and queue.get("workers", 0) >= workers:
+                seen = body.get("queues", {})
+                if status == 200 and all(seen.get(q, {}).get("workers", 0) >= n for q, n in wanted.items()):
                     return body
             except OSError:
                 pass

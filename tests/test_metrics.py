@@ -55,7 +55,8 @@ def test_metrics_count_what_the_database_holds(live_stack):
         status, content_type, text = _get(live_stack.url + "/metrics")
         assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
         samples = _samples(text)
-        if samples.get(("sightline_workers", frozenset({("queue", live_stack.queue)}))) == 1:
+        workers = ("sightline_workers", frozenset({("model", "glm-4.6v-flash"), ("queue", live_stack.queue)}))
+        if samples.get(workers) == 1:
             break
         assert time.monotonic() < deadline, "no live worker in /metrics within 30 s"
         time.sleep(0.3)
@@ -86,11 +87,12 @@ def test_metrics_count_what_the_database_holds(live_stack):
     assert value("sightline_request_duration_seconds_sum") == pytest.approx(total("latency_ms_total") / 1000)
     assert value("sightline_queue_depth", model="glm-4.6v-flash") == 0
     assert value("sightline_queries_running", model="glm-4.6v-flash") == 0
-    assert value("sightline_workers", queue=live_stack.queue) == 1
+    assert value("sightline_workers", model="glm-4.6v-flash", queue=live_stack.queue) == 1
     # the recent-latency quantiles are the stored timings' (one of the two queries for p99)
-    totals = sorted((q.finished_at - q.created_at).total_seconds() for q in Query.objects.filter(status="succeeded"))
-    assert value("sightline_recent_total_seconds", quantile="0.99") == pytest.approx(totals[-1])
-    assert value("sightline_recent_first_token_seconds", quantile="0.5") > 0
+    succeeded = Query.objects.filter(status="succeeded", model="glm-4.6v-flash")
+    totals = sorted((q.finished_at - q.created_at).total_seconds() for q in succeeded)
+    assert value("sightline_recent_total_seconds", model="glm-4.6v-flash", quantile="0.99") == pytest.approx(totals[-1])
+    assert value("sightline_recent_first_token_seconds", model="glm-4.6v-flash", quantile="0.5") > 0
 
 
 def test_metrics_token(client, settings):
@@ -139,7 +141,8 @@ def test_live_gauges_count_queued_and_running_work_and_every_web_process_agrees(
         while True:  # a heartbeat may be late on a loaded machine: scrape the pair again, within a bound
             first = _samples(_get(stack.url + "/metrics")[2])
             other = _samples(_get(second.url + "/metrics")[2])
-            if first == other and first[("sightline_workers", frozenset({("queue", stack.queue)}))] == 1:
+            workers = ("sightline_workers", frozenset({("model", model), ("queue", stack.queue)}))
+            if first == other and first[workers] == 1:
                 break
             assert time.monotonic() < deadline, {k: (v, other.get(k)) for k, v in first.items() if other.get(k) != v}
             time.sleep(0.3)

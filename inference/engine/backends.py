@@ -3,8 +3,8 @@
 ``transformers``: the model loaded in the worker's own process (``core.Engine``, batched by our
 scheduler). ``openai``: an OpenAI-compatible engine server beside the worker (vLLM, SGLang;
 ``remote.RemoteEngine``), which does the batching. The configuration is one ``ModelBackend`` per
-served model: today the one the settings describe (``from_settings``); a registry of several models
-gives one each, and a worker opens the engine of the model whose queue it consumes.
+served model, from its entry in the registry (config/models_registry.py: ``for_model``); a worker
+opens the engine of its own model (``from_settings``), whose queue it consumes.
 
 Importing this module imports neither torch nor transformers.
 """
@@ -37,21 +37,30 @@ class ModelBackend:
             raise ValueError("the openai backend needs the engine server's URL")
 
 
-def from_settings() -> ModelBackend:
-    """The served model as the settings describe it (INFERENCE_BACKEND, INFERENCE_MODEL, INFERENCE_ENGINE_*)."""
+def for_model(served) -> ModelBackend:
+    """The engine of a registered model (``config.models_registry.ServedModel``), with this
+    worker's device, dtype and concurrency settings."""
     from django.conf import settings
 
-    remote = settings.INFERENCE_BACKEND == "openai"
+    remote = served.backend == "openai"
     return ModelBackend(
-        backend=settings.INFERENCE_BACKEND,
-        model=(settings.INFERENCE_ENGINE_MODEL or settings.INFERENCE_MODEL) if remote else settings.INFERENCE_MODEL,
-        url=settings.INFERENCE_ENGINE_URL,
-        api_key=settings.INFERENCE_ENGINE_API_KEY,
+        backend=served.backend,
+        model=(served.engine_model or served.model) if remote else served.model,
+        url=served.engine_url,
+        api_key=served.engine_api_key,
         device=settings.INFERENCE_DEVICE,
         dtype=settings.INFERENCE_DTYPE,
         max_inflight=settings.ENGINE_MAX_INFLIGHT,
         max_batch=settings.INFERENCE_MAX_BATCH,
     )
+
+
+def from_settings() -> ModelBackend:
+    """This process's model (INFERENCE_MODEL_NAME in the registry: INFERENCE_MODELS, or the single-model
+    settings INFERENCE_BACKEND, INFERENCE_MODEL, INFERENCE_ENGINE_*)."""
+    from config import models_registry
+
+    return for_model(models_registry.own())
 
 
 def open_engine(config: ModelBackend, *, pending=None):
