@@ -258,6 +258,10 @@ MAX_QUEUED_SECONDS = env_float("MAX_QUEUED_SECONDS", 900.0)
 # A query queued this long whose message is neither in its queue nor held by a worker (its web
 # process died between committing the row and sending the message) is dispatched again.
 UNDISPATCHED_QUEUED_SECONDS = env_float("UNDISPATCHED_QUEUED_SECONDS", 30.0)
+# A queued query whose message a worker took this long ago and never started (the worker died) goes
+# back to the queue. Longer than a live worker on a loaded machine can take to start a task it took:
+# a live holder would only see its query run by another (harmless, the claim decides), but why churn.
+UNCLAIMED_REDELIVER_SECONDS = env_float("UNCLAIMED_REDELIVER_SECONDS", 30.0)
 REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "sightline")
 # An admitted request holds its concurrent slot this long until its Query row is committed (which
 # extends the slot to the whole query); a web process that dies in between leaks it no longer, and

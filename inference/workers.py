@@ -136,7 +136,7 @@ def sweep(
 
         ended.update(
             get_dispatcher().recover_orphans(
-                unclaimed_after=settings.WORKER_HEARTBEAT_TTL,
+                unclaimed_after=settings.UNCLAIMED_REDELIVER_SECONDS,
                 undispatched_after=settings.UNDISPATCHED_QUEUED_SECONDS,
                 held_by_live=held_by_live,
             )

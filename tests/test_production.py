@@ -258,7 +258,7 @@ def test_a_query_a_dead_worker_took_but_never_started_runs_at_once_elsewhere(ten
     """A worker holds a batch's worth of messages; one SIGKILLed before it started some leaves them
     unacknowledged in Redis, where the broker hands them out again only after its visibility timeout
     (the hard time limit + 60 s). A real Celery consumer takes the message and dies (os._exit, no
-    goodbye); a worker started next gives it back to the queue within WORKER_HEARTBEAT_TTL and runs it."""
+    goodbye); a worker started next gives it back to the queue after UNCLAIMED_REDELIVER_SECONDS and runs it."""
     import sys
 
     from tests.conftest import REPO
