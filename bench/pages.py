@@ -33,7 +33,7 @@ def fill(rows: int) -> None:
 
     from accounts import services
     from accounts.models import Membership
-    from inference import chat
+    from inference import chat, imagestore
     from inference.models import Query, QueryImage
     from inference.samples import sample_png
 
@@ -108,6 +108,8 @@ def fill(rows: int) -> None:
     png = sample_png()
     digest = hashlib.sha256(png).hexdigest()
     for query in Query.objects.order_by("-created_at")[:20]:
+        key = imagestore.key_for(query.tenant_id, png)
+        imagestore.put(key, png)
         Query.objects.filter(pk=query.pk).update(messages=chat.one_turn(query.prompt, 2))
         QueryImage.objects.bulk_create(
             QueryImage(
@@ -118,7 +120,8 @@ def fill(rows: int) -> None:
                 size_bytes=len(png),
                 width=640,
                 height=480,
-                content=png,
+                key=key,
+                stored_bytes=len(png),
             )
             for position in range(2)
         )
