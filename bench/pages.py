@@ -60,7 +60,7 @@ def fill(rows: int) -> None:
             )
             INSERT INTO inference_query (
                 id, tenant_id, api_key_id, model, endpoint, status, prompt, messages, params,
-                answer, finish_reason, prompt_tokens, completion_tokens,
+                answer, reasoning, tool_calls, choices, finish_reason, prompt_tokens, completion_tokens,
                 error_code, error_message, client_ip, user_agent, worker, request_id, reserved_tokens, settled_at,
                 created_at, started_at, first_token_at, finished_at)
             SELECT gen_random_uuid(), keys.tenant_id, keys.key_id, 'glm-4.6v-flash',
@@ -71,6 +71,7 @@ def fill(rows: int) -> None:
                     'type', 'text', 'text', 'Question number ' || g || ': what is in this picture?')))),
                 '{}'::jsonb,
                 CASE WHEN rows.s < 0.03 THEN '' ELSE 'A synthetic answer for benchmark row ' || g END,
+                '', '[]'::jsonb, '[]'::jsonb,
                 CASE WHEN rows.s < 0.03 THEN '' ELSE 'stop' END,
                 200 + (g %% 100), CASE WHEN rows.s < 0.03 THEN 0 ELSE 20 + (g %% 200) END,
                 CASE WHEN rows.s < 0.03 THEN 'worker_lost' ELSE '' END, '', '127.0.0.1', 'bench', 'bench@host',
