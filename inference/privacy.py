@@ -26,6 +26,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from accounts.models import PrivacyMode, Tenant
@@ -129,30 +130,21 @@ def tenant_policy(tenant: Tenant) -> str:
 
 
 # --- removing ------------------------------------------------------------------------------------
-def _blank_params(ids) -> None:
-    rows = Query.objects.filter(pk__in=ids)
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {Query._meta.db_table} SET params = params - %s::text[] WHERE id = ANY(%s::uuid[])",
-                [list(CONTENT_PARAMS), [str(pk) for pk in ids]],
-            )
-        return
-    changed = []
-    for pk, params in rows.values_list("pk", "params"):
-        if any(name in (params or {}) for name in CONTENT_PARAMS):
-            changed.append(Query(pk=pk, params={k: v for k, v in params.items() if k not in CONTENT_PARAMS}))
-    Query.objects.bulk_update(changed, ["params"])
-
-
 def remove_content(ids, now=None) -> int:
-    """Blank the prompt, conversation, answer and client details of these queries (one transaction:
-    the caller's). Returns how many rows changed."""
+    """Blank the prompt, conversation, answer, client details and the request's content fields of
+    these queries (one UPDATE, in the caller's transaction). Returns how many rows changed."""
     now = now or timezone.now()
-    changed = Query.objects.filter(pk__in=ids, content_removed_at__isnull=True).update(
-        **CONTENT_BLANK, content_removed_at=now
-    )
-    _blank_params(ids)
+    rows = Query.objects.filter(pk__in=ids, content_removed_at__isnull=True)
+    values = {**CONTENT_BLANK, "content_removed_at": now}
+    if connection.vendor == "postgresql":  # jsonb minus text[]: the content fields out of params
+        values["params"] = RawSQL(f"{Query._meta.db_table}.params - %s::text[]", (list(CONTENT_PARAMS),))
+        return rows.update(**values)
+    stripped = [
+        Query(pk=pk, params={k: v for k, v in (params or {}).items() if k not in CONTENT_PARAMS})
+        for pk, params in rows.values_list("pk", "params")
+    ]
+    changed = rows.update(**values)
+    Query.objects.bulk_update(stripped, ["params"])
     return changed
 
 

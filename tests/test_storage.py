@@ -229,21 +229,41 @@ def test_s3_store_end_to_end(s3_store, api_client, settings):
 
 def test_s3_store_with_a_web_process_and_a_celery_worker(moto, tmp_path, django_db_setup):
     """The production shape: the web process writes the image to the bucket, a Celery worker (another
-    process) reads it from there to run the query."""
+    process) reads it from there to run the query. In metadata mode the worker deletes the object
+    when the query settles, and its pruner thread removes the held answer once the hold is over."""
     from tests.stack import post_json, running_stack
 
     prefix = f"stack-{uuid.uuid4().hex[:8]}"
     tenant = accounts.create_tenant("Stack S3", slug="stack-s3")
     plaintext = accounts.create_api_key(tenant, "k")[1]
-    env = {**S3_ENV, "IMAGE_S3_ENDPOINT_URL": moto, "IMAGE_S3_PREFIX": prefix, "IMAGE_STORAGE_DIR": ""}
+    private = accounts.create_tenant("Stack private", slug="stack-private", privacy_mode=PrivacyMode.METADATA)
+    private_key = accounts.create_api_key(private, "k")[1]
+    env = {
+        **S3_ENV,
+        "IMAGE_S3_ENDPOINT_URL": moto,
+        "IMAGE_S3_PREFIX": prefix,
+        "IMAGE_STORAGE_DIR": "",
+        "PRUNE_INTERVAL_SECONDS": "0.5",
+        "METADATA_HOLD_SECONDS": "1",
+    }
+    body = {"image": _b64(media.png(30, 20)), "prompt": "What?", "max_tokens": 2}
     with running_stack(tmp_path, **env) as stack:
-        status, body = post_json(
-            stack.url + GLM, {"image": _b64(media.png(30, 20)), "prompt": "What?", "max_tokens": 2}, plaintext
-        )
-        assert status == 200, (body, stack.log("w1")[-2000:])
-    query = Query.objects.get(pk=body["query_id"])
-    assert query.status == Query.Status.SUCCEEDED and query.worker.startswith("w1-")
-    assert _s3_keys(moto, prefix) == [f"{prefix}/{query.images.get().key}"]
+        status, answer = post_json(stack.url + GLM, body, plaintext)
+        assert status == 200, (answer, stack.log("w1")[-2000:])
+        status, private_answer = post_json(stack.url + GLM, body, private_key)
+        assert status == 200, (private_answer, stack.log("w1")[-2000:])
+        query = Query.objects.get(pk=answer["query_id"])
+        assert query.status == Query.Status.SUCCEEDED and query.worker.startswith("w1-")
+        # One object: the metadata tenant's copy went when its query settled.
+        assert _s3_keys(moto, prefix) == [f"{prefix}/{query.images.get().key}"]
+        held = Query.objects.get(pk=private_answer["query_id"])
+        assert held.prompt == "" and held.images.get().key == "" and held.answer == private_answer["result"]
+        deadline = time.monotonic() + 60
+        while Query.objects.get(pk=held.pk).content_removed_at is None:  # the worker's pruner
+            assert time.monotonic() < deadline, stack.log("w1")[-2000:]
+            time.sleep(0.2)
+    assert Query.objects.get(pk=held.pk).answer == ""
+    assert Query.objects.get(pk=query.pk).answer == query.answer  # a full-mode answer stays
 
 
 def test_half_set_s3_settings_fail_at_start():
