@@ -3,7 +3,7 @@
 in constant memory. What a query does not keep is null, and ``kept`` says why."""
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Q
@@ -60,6 +60,32 @@ def record(query: Query, image_url: Callable[[Query, int], str]) -> dict:
             for image in sorted(query.images.all(), key=lambda image: image.position)
         ],
     }
+
+
+def pages(tenant_id, image_url: Callable[[Query, int], str], *, api_key_id=None) -> Iterator[str]:
+    """``lines``, a keyset page of them at a time (one string per page)."""
+    page: list[str] = []
+    for line in lines(tenant_id, image_url, api_key_id=api_key_id):
+        page.append(line)
+        if len(page) == PAGE:
+            yield "".join(page)
+            page = []
+    if page:
+        yield "".join(page)
+
+
+async def apages(tenant_id, image_url: Callable[[Query, int], str], *, api_key_id=None) -> AsyncIterator[str]:
+    """``pages`` for an ASGI server: each page read in the worker thread, sent as soon as it is read
+    (Django would read a synchronous iterator whole before sending any of it)."""
+    from asgiref.sync import sync_to_async
+
+    iterator = pages(tenant_id, image_url, api_key_id=api_key_id)
+    done = object()
+    while True:
+        page = await sync_to_async(next)(iterator, done)
+        if page is done:
+            return
+        yield page
 
 
 def lines(tenant_id, image_url: Callable[[Query, int], str], *, api_key_id=None) -> Iterator[str]:

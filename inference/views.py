@@ -8,6 +8,7 @@ from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
 from django.http import (
     FileResponse,
     Http404,
@@ -149,9 +150,11 @@ def query_export(request):
         return request.build_absolute_uri(reverse("dashboard:query-image-at", args=[query.pk, position]))
 
     key = request.GET.get("key", "")
+    api_key_id = int(key) if key.isdigit() else None
+    # Under ASGI an asynchronous iterator, so that each page goes out as it is read.
+    pages = exports.apages if isinstance(request, ASGIRequest) else exports.pages
     response = StreamingHttpResponse(
-        exports.lines(membership.tenant_id, image_url, api_key_id=int(key) if key.isdigit() else None),
-        content_type="application/x-ndjson",
+        pages(membership.tenant_id, image_url, api_key_id=api_key_id), content_type="application/x-ndjson"
     )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     response["Content-Disposition"] = f'attachment; filename="{membership.tenant.slug}-queries-{stamp}.jsonl"'

@@ -126,6 +126,10 @@ def _s3_client(endpoint):
     )
 
 
+def imagestore_read_s3(endpoint, key) -> bytes:
+    return _s3_client(endpoint).get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
 def _s3_keys(endpoint, prefix) -> list[str]:
     listed = _s3_client(endpoint).list_objects_v2(Bucket=BUCKET, Prefix=prefix)
     return sorted(item["Key"] for item in listed.get("Contents", []))
@@ -258,6 +262,19 @@ def test_s3_store_with_a_web_process_and_a_celery_worker(moto, tmp_path, django_
         assert _s3_keys(moto, prefix) == [f"{prefix}/{query.images.get().key}"]
         held = Query.objects.get(pk=private_answer["query_id"])
         assert held.prompt == "" and held.images.get().key == "" and held.answer == private_answer["result"]
+        # The owner's export from the web process (ASGI: streamed page by page), and an image link
+        # of it, which the web process answers with a redirect to the bucket (urllib follows it).
+        owner = _owner(tenant)
+        cookie = f"sessionid={owner.cookies['sessionid'].value}"
+        request = urllib.request.Request(stack.url + "/dashboard/data/export.jsonl", headers={"Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["Content-Type"] == "application/x-ndjson"
+            (line,) = [json.loads(text) for text in response.read().decode().splitlines()]
+        assert line["id"] == answer["query_id"] and line["prompt"] == "What?"
+        link = urllib.request.Request(line["images"][0]["url"], headers={"Cookie": cookie})
+        with urllib.request.urlopen(link, timeout=30) as response:
+            assert response.url.startswith(f"{moto}/{BUCKET}/{prefix}/")  # redirected to the signed URL
+            assert response.read() == imagestore_read_s3(moto, f"{prefix}/{query.images.get().key}")
         deadline = time.monotonic() + 60
         while Query.objects.get(pk=held.pk).content_removed_at is None:  # the worker's pruner
             assert time.monotonic() < deadline, stack.log("w1")[-2000:]
