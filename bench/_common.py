@@ -10,7 +10,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-BENCH_DB = os.environ.get("BENCH_DB", "sightline_bench")  # another name: benchmarks side by side
+BENCH_DB = "sightline_bench"
 BENCH_DATABASE_URL = f"{PG}/{BENCH_DB}"
 
 
