@@ -614,3 +614,48 @@ def test_privacy_mode_copies_onto_each_query(fs_store, api_key):
     api_key[0].tenant.refresh_from_db()
     second = services.accept(api_key[0], services.check_input(prompt="y"), endpoint=Query.Endpoint.QUERIES)
     assert (first.privacy_mode, second.privacy_mode) == ("full", "metadata")
+
+
+def test_a_pruning_batch_blocks_no_insert(fs_store, tenant, api_key):
+    """While a pruning batch's transaction is open (content blanked, image references dropped, rows
+    locked), a new query of the same tenant with the same image is written: it waits on no lock.
+    The writer runs with PostgreSQL's lock_timeout, so any lock wait fails it (no clock involved)."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from inference import services
+
+    picture = media.png(18, 18)
+    data = services.check_input(prompt="old", images=[picture])
+    old = [services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES).pk for _ in range(20)]
+    nine_days_ago = timezone.now() - timedelta(days=9)
+    Query.objects.filter(pk__in=old).update(status=Query.Status.SUCCEEDED, created_at=nine_days_ago)
+    holding, release = threading.Event(), threading.Event()
+    outcome = {}
+
+    def prune_batch():
+        try:
+            with transaction.atomic():
+                privacy.remove_content(old)
+                outcome["keys"] = privacy.remove_images(old)
+                holding.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    pruner = threading.Thread(target=prune_batch)
+    pruner.start()
+    try:
+        assert holding.wait(30)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+            new = services.accept(api_key[0], services.check_input(prompt="new", images=[picture]), endpoint="queries")
+    finally:
+        release.set()
+        pruner.join()
+    imagestore.release(outcome["keys"])
+    assert Query.objects.get(pk=new.pk).images.get().key == outcome["keys"][0]  # the same object
+    assert _files(fs_store) == [outcome["keys"][0]]  # still there: the new query refers to it
+    assert Query.objects.filter(pk__in=old, content_removed_at__isnull=False).count() == 20
