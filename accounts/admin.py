@@ -20,12 +20,44 @@ class TenantAdmin(admin.ModelAdmin):
         "requests_per_day",
         "tokens_per_month",
         "max_concurrent_requests",
+        "privacy_mode",
+        "content_retention_days",
+        "image_retention_days",
         "created_at",
     ]
-    list_filter = ["is_active"]
+    list_filter = ["is_active", "privacy_mode"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [MembershipInline]
+
+    # Deleting a tenant deletes its queries and their stored images in batches
+    # (inference.privacy.delete_tenant), never through Django's collector, which would load every
+    # query of the tenant into memory; the confirmation page counts them instead of listing them.
+    def get_deleted_objects(self, objs, request):
+        from inference.admin import COUNT_CAP
+        from inference.models import Query
+
+        summary = []
+        for tenant in objs:
+            queries = Query.objects.filter(tenant=tenant).order_by()[: COUNT_CAP + 1].count()
+            shown = f"more than {COUNT_CAP:,}" if queries > COUNT_CAP else f"{queries:,}"
+            summary.append(
+                f"Tenant {tenant.name}: {shown} queries and their stored images, "
+                f"{tenant.api_keys.count()} API keys, {tenant.memberships.count()} memberships "
+                "(its usage figures stay, anonymised)"
+            )
+        return summary, {"tenants": len(summary)}, set(), []
+
+    def delete_model(self, request, obj):
+        from inference import privacy
+
+        privacy.delete_tenant(obj)
+
+    def delete_queryset(self, request, queryset):
+        from inference import privacy
+
+        for tenant in queryset:
+            privacy.delete_tenant(tenant)
 
 
 @admin.register(Membership)
@@ -59,7 +91,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "tokens_per_month",
         "max_concurrent_requests",
     ]
-    actions = ["revoke"]
+    actions = ["revoke", "delete_queries"]
 
     def has_add_permission(self, request):
         return False
@@ -73,3 +105,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in queryset:
             services.revoke_api_key(api_key)
         self.message_user(request, f"Revoked {queryset.count()} key(s).", messages.SUCCESS)
+
+    @admin.action(description="Delete the selected keys' queries (rows and images; usage figures stay)")
+    def delete_queries(self, request, queryset):
+        from inference import privacy
+
+        deleted = objects = 0
+        for api_key in queryset:
+            counts = privacy.delete_queries(api_key_id=api_key.pk)
+            deleted += counts["queries"]
+            objects += counts["objects"]
+        self.message_user(request, f"Deleted {deleted} queries and {objects} stored images.", messages.SUCCESS)

@@ -1,6 +1,6 @@
 from django import forms
 
-from accounts.models import ApiKey
+from accounts.models import ApiKey, Tenant
 
 QUOTA_FIELDS = ["requests_per_minute", "requests_per_day", "tokens_per_month", "max_concurrent_requests"]
 
@@ -26,3 +26,17 @@ class KeyForm(forms.ModelForm):
         for name, message in check_overrides(self.tenant, {n: cleaned.get(n) for n in QUOTA_FIELDS}).items():
             self.add_error(name, message)
         return cleaned
+
+
+class PrivacyForm(forms.ModelForm):
+    """What the tenant keeps of its queries, and for how long (owners)."""
+
+    class Meta:
+        model = Tenant
+        fields = ["privacy_mode", "content_retention_days", "image_retention_days"]
+        widgets = {"privacy_mode": forms.RadioSelect}
+        labels = {
+            "privacy_mode": "Privacy mode",
+            "content_retention_days": "Keep prompts and answers for (days)",
+            "image_retention_days": "Keep images for (days)",
+        }

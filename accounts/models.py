@@ -1,6 +1,28 @@
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
+
+
+class PrivacyMode(models.TextChoices):
+    """What is kept of a tenant's queries (README: Storage, retention and privacy)."""
+
+    FULL = "full", "full: prompts, answers and images are kept"
+    NO_IMAGES = "no_images", "no_images: prompts and answers are kept, images are not"
+    METADATA = "metadata", "metadata: only sizes, hashes, tokens, timings and the outcome are kept"
+
+
+# A new tenant's defaults come from the settings at its creation; each tenant then has its own.
+def default_privacy_mode() -> str:
+    return settings.DEFAULT_PRIVACY_MODE
+
+
+def default_content_retention_days() -> int | None:
+    return settings.RETENTION_CONTENT_DAYS
+
+
+def default_image_retention_days() -> int | None:
+    return settings.RETENTION_IMAGE_DAYS
 
 
 class Tenant(models.Model):
@@ -18,6 +40,29 @@ class Tenant(models.Model):
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True, default=4)
     # The model names this tenant may use; empty means every model the platform serves.
     allowed_models = models.JSONField(default=list, blank=True)
+
+    # What is kept of its queries, and for how long (None: until deleted).
+    privacy_mode = models.CharField(
+        max_length=16,
+        choices=PrivacyMode.choices,
+        default=default_privacy_mode,
+        db_default=PrivacyMode.FULL,  # for rows a process of the previous release writes
+        help_text="what is kept of new queries; queries already taken keep the mode they were taken under",
+    )
+    content_retention_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        default=default_content_retention_days,
+        validators=[MinValueValidator(1)],
+        help_text="days prompts, conversations and answers are kept; blank: until deleted",
+    )
+    image_retention_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        default=default_image_retention_days,
+        validators=[MinValueValidator(1)],
+        help_text="days images are kept; blank: until deleted",
+    )
 
     class Meta:
         ordering = ["name"]

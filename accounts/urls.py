@@ -14,6 +14,9 @@ urlpatterns = [
     path("keys/", views.key_list, name="keys"),
     path("keys/<int:key_id>/", views.key_detail, name="key"),
     path("keys/<int:key_id>/revoke/", views.key_revoke, name="key-revoke"),
+    path("keys/<int:key_id>/delete-queries/", views.key_delete_queries, name="key-delete-queries"),
+    path("data/", views.data_settings, name="data"),
+    path("data/export.jsonl", inference_views.query_export, name="export"),
     path("queries/", inference_views.query_list, name="queries"),
     path("queries/<uuid:query_id>/", inference_views.query_detail, name="query"),
     # The query's first image (the URL of one-image days), and each by its position.

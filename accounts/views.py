@@ -5,14 +5,18 @@ import math
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 
+from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from accounts import dashboard, quotas, services, signin
-from accounts.forms import KeyForm
-from inference import selectors
+from accounts.forms import KeyForm, PrivacyForm
+from accounts.models import Membership
+from inference import privacy, selectors
 from inference.charts import bar_chart
 
 
@@ -160,3 +164,51 @@ def key_revoke(request, key_id):
     dashboard.require_manager(membership)
     services.revoke_api_key(dashboard.tenant_key(membership, key_id))
     return redirect("dashboard:keys")
+
+
+def _require_owner(membership) -> None:
+    if membership.role != Membership.Role.OWNER:
+        raise PermissionDenied("Only the tenant's owners change what is kept, export the log or delete queries.")
+
+
+@login_required
+def data_settings(request):
+    """What the tenant keeps of its queries and for how long (owners change it), the export, and
+    what deleting does."""
+    membership = dashboard.current_membership(request)
+    tenant = membership.tenant
+    form = PrivacyForm(instance=tenant)
+    saved = False
+    if request.method == "POST":
+        _require_owner(membership)
+        form = PrivacyForm(request.POST, instance=tenant)
+        if form.is_valid():
+            form.save()
+            saved = True
+    return render(
+        request,
+        "dashboard/data.html",
+        _context(
+            request,
+            membership,
+            form=form,
+            saved=saved,
+            is_owner=membership.role == Membership.Role.OWNER,
+            policy=privacy.tenant_policy(tenant),
+            hold_seconds=int(settings.METADATA_HOLD_SECONDS),
+        ),
+    )
+
+
+@login_required
+@require_POST
+def key_delete_queries(request, key_id):
+    """Delete every query of a key: rows and stored images (owners); the usage figures stay."""
+    membership = dashboard.current_membership(request)
+    _require_owner(membership)
+    api_key = dashboard.tenant_key(membership, key_id)
+    counts = privacy.delete_queries(api_key_id=api_key.pk)
+    messages.success(
+        request, f"Deleted {counts['queries']} queries of {api_key.name} and {counts['objects']} stored images."
+    )
+    return redirect("dashboard:key", key_id=api_key.pk)

@@ -16,6 +16,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from importlib import import_module
@@ -28,14 +29,19 @@ DAYS = 90
 
 def fill(rows: int) -> None:
     """The query log and its rollups, in SQL (the ORM would take an hour for a million rows)."""
+    started = time.perf_counter()
+    create_world()
+    add_rows(rows, first=1)
+    finish_load()
+    add_images()
+    print(f"filled {rows:,} query rows and their rollups in {time.perf_counter() - started:.1f} s")
+
+
+def create_world() -> None:
     from django.contrib.auth import get_user_model
-    from django.db import connection
 
     from accounts import services
     from accounts.models import Membership
-    from inference import chat
-    from inference.models import Query, QueryImage
-    from inference.samples import sample_png
 
     owner = services.create_user("bench-owner", password="bench-password-123")
     get_user_model().objects.create_superuser("bench-admin", password="bench-password-123")
@@ -45,22 +51,26 @@ def fill(rows: int) -> None:
         for name in ("production", "staging"):
             services.create_api_key(tenant, name)
 
-    started = time.perf_counter()
+
+def add_rows(rows: int, first: int) -> None:
+    """Rows number ``first`` .. ``first + rows - 1`` of the synthetic log (``finish_load`` after)."""
+    from django.db import connection
+
     with connection.cursor() as cursor:
         # A bulk load: the prompt trigram index (migration 0005) is built once after it, not row by row.
         cursor.execute("DROP INDEX IF EXISTS query_prompt_trgm")
-        cursor.execute("SELECT setseed(0.42)")  # the same synthetic data on every run (random() below)
+        cursor.execute("SELECT setseed(%s)", [0.42 if first == 1 else (first % 1000) / 1000])  # seeded data
         cursor.execute(
             """
             WITH keys AS (
                 SELECT k.id AS key_id, k.tenant_id, row_number() OVER (ORDER BY k.id) - 1 AS n FROM accounts_apikey k
             ), rows AS (
                 SELECT g, random() AS r, random() AS s, now() - (random() * %(days)s) * interval '1 day' AS created
-                FROM generate_series(1, %(rows)s) g
+                FROM generate_series(%(first)s, %(last)s) g
             )
             INSERT INTO inference_query (
                 id, tenant_id, api_key_id, model, endpoint, status, prompt, messages, params,
-                answer, finish_reason, prompt_tokens, completion_tokens,
+                answer, reasoning, tool_calls, choices, finish_reason, prompt_tokens, completion_tokens,
                 error_code, error_message, client_ip, user_agent, worker, request_id, reserved_tokens, settled_at,
                 created_at, started_at, first_token_at, finished_at)
             SELECT gen_random_uuid(), keys.tenant_id, keys.key_id, 'glm-4.6v-flash',
@@ -71,6 +81,7 @@ def fill(rows: int) -> None:
                     'type', 'text', 'text', 'Question number ' || g || ': what is in this picture?')))),
                 '{}'::jsonb,
                 CASE WHEN rows.s < 0.03 THEN '' ELSE 'A synthetic answer for benchmark row ' || g END,
+                '', '[]'::jsonb, '[]'::jsonb,
                 CASE WHEN rows.s < 0.03 THEN '' ELSE 'stop' END,
                 200 + (g %% 100), CASE WHEN rows.s < 0.03 THEN 0 ELSE 20 + (g %% 200) END,
                 CASE WHEN rows.s < 0.03 THEN 'worker_lost' ELSE '' END, '', '127.0.0.1', 'bench', 'bench@host',
@@ -80,9 +91,17 @@ def fill(rows: int) -> None:
                 CASE WHEN rows.r < 0.55 THEN 0 WHEN rows.r < 0.80 THEN 2 WHEN rows.r < 0.95 THEN 4 ELSE 6 END
                 + (g %% 2))
             """,
-            {"rows": rows, "days": DAYS},
+            {"first": first, "last": first + rows - 1, "days": DAYS},
         )
-        # The rollups, as settling each of those queries would have written them.
+
+
+def finish_load() -> None:
+    """After ``add_rows``: the rollups rebuilt from the whole log (as settling each query would have
+    written them), the trigram index built once, everything ANALYZEd."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM inference_usagedaily")
         buckets = ", ".join(
             f"count(*) FILTER (WHERE status = 'succeeded' AND ms {'>' if i else '>='} {low} AND ms <= {high})"
             for i, (low, high) in enumerate(_bucket_bounds())
@@ -104,10 +123,19 @@ def fill(rows: int) -> None:
         for statement in import_module("inference.migrations.0005_query_prompt_trigram").FORWARD:
             cursor.execute(statement)
         cursor.execute("ANALYZE")
+
+
+def add_images() -> None:
+    from inference import chat, imagestore
+    from inference.models import Query, QueryImage
+    from inference.samples import sample_png
+
     # A few images (two per query), for the detail pages.
     png = sample_png()
     digest = hashlib.sha256(png).hexdigest()
     for query in Query.objects.order_by("-created_at")[:20]:
+        key = imagestore.key_for(query.tenant_id, png)
+        imagestore.put(key, png)
         Query.objects.filter(pk=query.pk).update(messages=chat.one_turn(query.prompt, 2))
         QueryImage.objects.bulk_create(
             QueryImage(
@@ -118,11 +146,11 @@ def fill(rows: int) -> None:
                 size_bytes=len(png),
                 width=640,
                 height=480,
-                content=png,
+                key=key,
+                stored_bytes=len(png),
             )
             for position in range(2)
         )
-    print(f"filled {rows:,} query rows and their rollups in {time.perf_counter() - started:.1f} s")
 
 
 def _bucket_bounds():
@@ -134,6 +162,24 @@ def _bucket_bounds():
         low = high
     bounds.append((low, 2**62))
     return bounds
+
+
+def time_inserts(count: int) -> list[float]:
+    """Seconds each of ``count`` queries takes to be written through the admission path
+    (``services.accept``: the row, its indexes, the commit), text-only so that the image's PNG
+    encoding does not hide the table's cost."""
+    from accounts.models import ApiKey
+    from inference import services
+    from inference.models import Query
+
+    api_key = ApiKey.objects.select_related("tenant").filter(tenant__slug="acme").first()
+    data = services.check_input(prompt="How long does this insert take?")
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        services.accept(api_key, data, endpoint=Query.Endpoint.QUERIES)
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def session_cookie(username: str) -> str:
@@ -149,7 +195,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument(
+        "--grow-to",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="time inserts at --rows, grow the log to ROWS, time them again, then measure the pages there",
+    )
+    parser.add_argument("--inserts", type=int, default=1000, help="timed inserts at each size (with --grow-to)")
     args = parser.parse_args()
+    os.environ.setdefault("SECRET_KEY", "bench-only-secret-key-" + "x" * 40 + "-0123456789")
+    os.environ.setdefault("IMAGE_STORAGE_DIR", tempfile.mkdtemp(prefix="sightline-bench-images-"))
 
     env = {
         "DATABASE_URL": fresh_database(),
@@ -163,6 +219,31 @@ def main():
 
     django.setup()
     fill(args.rows)
+    if args.grow_to > args.rows:
+        from django.db import connection
+
+        from inference.models import Query
+
+        inserts = {args.rows: time_inserts(args.inserts)}
+        chunk, first = 1_000_000, args.rows + 1
+        started = time.perf_counter()
+        while first <= args.grow_to:
+            rows = min(chunk, args.grow_to - first + 1)
+            add_rows(rows, first=first)
+            first += rows
+            print(f"  {first - 1:,} rows ({time.perf_counter() - started:.0f} s)", flush=True)
+        finish_load()
+        print(f"grew the log to {args.grow_to:,} rows in {time.perf_counter() - started:.1f} s")
+        inserts[args.grow_to] = time_inserts(args.inserts)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_total_relation_size('inference_query'), pg_indexes_size('inference_query')")
+            total, indexes = cursor.fetchone()
+        print(
+            f"\ninference_query: {Query.objects.count():,} rows, {total / 1e9:.2f} GB ({indexes / 1e9:.2f} GB indexes)"
+        )
+        print(f"inserting a query (services.accept, text only), {args.inserts} each:")
+        for size, times in inserts.items():
+            print(f"  at {size:>12,} rows: {spread(times, 1000)}   mean {sum(times) / len(times) * 1000:.2f} ms")
 
     from accounts.models import ApiKey, Tenant
     from inference.models import Query
@@ -205,6 +286,7 @@ def main():
             ("owner", f"/dashboard/queries/?before={old.created_at.isoformat().replace('+', '%2B')}"),
             ("owner", f"/dashboard/queries/{recent.pk}/"),
             ("owner", "/dashboard/playground/"),
+            ("owner", "/dashboard/data/"),
             ("admin", "/admin/"),
             ("admin", "/admin/usage/"),
             ("admin", "/admin/usage/?days=90"),
@@ -232,7 +314,8 @@ def main():
             ("admin", "/metrics"),  # not a page, but read from the same tables
         ]
         print(
-            f"\n{args.rows:,} query rows; each page asked {args.repeat} times over HTTP (Uvicorn) after a first request"
+            f"\n{max(args.rows, args.grow_to):,} query rows; each page asked {args.repeat} times over HTTP (Uvicorn)"
+            " after a first request"
         )
         print(
             "PostgreSQL's cache is hot (the rows were just loaded): 'first' is each page's first request "

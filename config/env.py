@@ -61,6 +61,20 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return word
 
 
+def env_days(name: str) -> int | None:
+    """A number of days (1 or more), or None (forever) when unset, empty or "forever"."""
+    value = os.environ.get(name)
+    if value is None or value.strip().lower() in ("", "forever", "none"):
+        return None
+    try:
+        days = int(value)
+    except ValueError:
+        raise _bad(name, value, "want a whole number of days (1 or more), or forever") from None
+    if days < 1:
+        raise _bad(name, value, "want a whole number of days (1 or more), or forever")
+    return days
+
+
 def env_url(name: str, default: str = "") -> str:
     """An http(s) URL without a trailing slash, or ``default`` when unset; anything else fails at start."""
     value = os.environ.get(name, "").strip()

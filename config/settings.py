@@ -21,6 +21,7 @@ from django.core.exceptions import ImproperlyConfigured
 from config.env import (
     env_bool,
     env_choice,
+    env_days,
     env_float,
     env_int,
     env_list,
@@ -345,6 +346,96 @@ MAX_N = env_int("MAX_N", 4)
 # it asks without thinking unless the request says otherwise.
 CHAT_THINKING_DEFAULT = env_bool("CHAT_THINKING_DEFAULT", True)
 GLM_INFER_THINKING_DEFAULT = env_bool("GLM_INFER_THINKING_DEFAULT", False)
+
+# --- images, privacy and retention ----------------------------------------------------------
+# Each query's normalised images (PNG) live in object storage through Django's storage API, content-
+# addressed per tenant (inference/imagestore.py): files under IMAGE_STORAGE_DIR in the embedded default,
+# or any S3-compatible bucket (django-storages + boto3) when IMAGE_S3_BUCKET is set. Credentials:
+# IMAGE_S3_ACCESS_KEY_ID and IMAGE_S3_SECRET_ACCESS_KEY together, or neither (boto3's own chain:
+# AWS_* variables, an instance or pod role). A half-set S3 configuration fails at start.
+IMAGE_S3_BUCKET = env_str("IMAGE_S3_BUCKET", "").strip()
+IMAGE_S3_SETTINGS = {
+    name: env_str(name, "").strip()
+    for name in (
+        "IMAGE_S3_PREFIX",
+        "IMAGE_S3_ENDPOINT_URL",
+        "IMAGE_S3_REGION",
+        "IMAGE_S3_ACCESS_KEY_ID",
+        "IMAGE_S3_SECRET_ACCESS_KEY",
+        "IMAGE_S3_ADDRESSING_STYLE",
+        "IMAGE_S3_SERVE",
+    )
+}
+IMAGE_STORAGE_DIR = env_str("IMAGE_STORAGE_DIR", "").strip()
+# The image views redirect to a signed URL of the object (S3), valid this many seconds.
+IMAGE_URL_EXPIRE_SECONDS = env_int("IMAGE_URL_EXPIRE_SECONDS", 60)
+if IMAGE_S3_BUCKET:
+    if IMAGE_STORAGE_DIR:
+        raise ImproperlyConfigured(
+            "IMAGE_S3_BUCKET and IMAGE_STORAGE_DIR are both set: images go to one store; unset one of them."
+        )
+    if bool(IMAGE_S3_SETTINGS["IMAGE_S3_ACCESS_KEY_ID"]) != bool(IMAGE_S3_SETTINGS["IMAGE_S3_SECRET_ACCESS_KEY"]):
+        raise ImproperlyConfigured(
+            "IMAGE_S3_ACCESS_KEY_ID and IMAGE_S3_SECRET_ACCESS_KEY go together: set both, or neither (boto3 then"
+            " finds credentials itself: AWS_* variables, an instance or pod role)."
+        )
+    IMAGE_S3_ENDPOINT_URL = env_url("IMAGE_S3_ENDPOINT_URL")
+    IMAGE_S3_SERVE = env_choice("IMAGE_S3_SERVE", "redirect", ("redirect", "stream"))
+    _s3 = {
+        "bucket_name": IMAGE_S3_BUCKET,
+        # Keys are content addresses: writing one again writes the same bytes.
+        "file_overwrite": True,
+        "default_acl": None,
+        "querystring_auth": True,
+        "querystring_expire": IMAGE_URL_EXPIRE_SECONDS,
+        "signature_version": "s3v4",
+        "location": IMAGE_S3_SETTINGS["IMAGE_S3_PREFIX"].strip("/"),
+    }
+    for option, name in (
+        ("endpoint_url", "IMAGE_S3_ENDPOINT_URL"),
+        ("region_name", "IMAGE_S3_REGION"),
+        ("access_key", "IMAGE_S3_ACCESS_KEY_ID"),
+        ("secret_key", "IMAGE_S3_SECRET_ACCESS_KEY"),
+    ):
+        if IMAGE_S3_SETTINGS[name]:
+            _s3[option] = IMAGE_S3_ENDPOINT_URL if option == "endpoint_url" else IMAGE_S3_SETTINGS[name]
+    if IMAGE_S3_SETTINGS["IMAGE_S3_ADDRESSING_STYLE"]:
+        _s3["addressing_style"] = env_choice("IMAGE_S3_ADDRESSING_STYLE", "auto", ("auto", "path", "virtual"))
+    IMAGE_STORAGE = {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": _s3}
+else:
+    _half = [name for name, value in IMAGE_S3_SETTINGS.items() if value]
+    if _half:
+        raise ImproperlyConfigured(
+            f"{', '.join(_half)} set without IMAGE_S3_BUCKET: set the bucket too, or unset them (images then"
+            " go to files under IMAGE_STORAGE_DIR)."
+        )
+    IMAGE_S3_SERVE = "stream"
+    IMAGE_STORAGE = {
+        "BACKEND": "inference.imagestore.ImageFileStorage",
+        "OPTIONS": {"location": IMAGE_STORAGE_DIR or str(VAR_DIR / "images")},
+    }
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "images": IMAGE_STORAGE,
+}
+
+# What a new tenant keeps (its owners change it in the dashboard, staff in the admin):
+# "full" (prompts, answers, images), "no_images", or "metadata" (sizes, hashes, tokens, timings,
+# outcome). And for how long, in days ("" or "forever": kept until deleted).
+DEFAULT_PRIVACY_MODE = env_choice("DEFAULT_PRIVACY_MODE", "full", ("full", "no_images", "metadata"))
+RETENTION_CONTENT_DAYS = env_days("RETENTION_CONTENT_DAYS")
+RETENTION_IMAGE_DAYS = env_days("RETENTION_IMAGE_DAYS")
+# In "metadata" mode a query's conversation and images are blanked when it ends (settles); its answer
+# stays this long after, for the client that waits for it (or polls /v1/queries after a 504), then
+# the pruner blanks it.
+METADATA_HOLD_SECONDS = env_float("METADATA_HOLD_SECONDS", 300.0)
+# Every worker (and the embedded default's worker thread) prunes expired content this often, one at
+# a time across workers; each pass works in transactions of PRUNE_BATCH_SIZE rows and stops after
+# PRUNE_PASS_SECONDS (the next pass goes on). 0 turns the workers' pruning off (cron: prune_queries).
+PRUNE_INTERVAL_SECONDS = env_float("PRUNE_INTERVAL_SECONDS", 60.0)
+PRUNE_BATCH_SIZE = env_int("PRUNE_BATCH_SIZE", 500)
+PRUNE_PASS_SECONDS = env_float("PRUNE_PASS_SECONDS", 20.0)
 
 # --- http -----------------------------------------------------------------------------------
 # A request body may be at most MAX_REQUEST_BYTES: the images a request may carry as base64 (4/3

@@ -12,7 +12,7 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
-from inference import chat, selectors
+from inference import chat, privacy, selectors
 from inference.models import Query, UsageDaily
 from inference.services import served_models
 
@@ -51,7 +51,32 @@ COLUMNS = [
     "completion_tokens",
 ]
 # image_sha256: the SHA-256 of each image, in order, separated by spaces ("" for a text-only query).
-CSV_FIELDS = ["id", *COLUMNS, "total_seconds", "error_code", "images", "image_sha256", "prompt"]
+# privacy_mode and not_kept say what is not kept (the prompt is then empty): privacy mode, retention.
+CSV_FIELDS = [
+    "id",
+    *COLUMNS,
+    "total_seconds",
+    "error_code",
+    "images",
+    "image_sha256",
+    "privacy_mode",
+    "not_kept",
+    "prompt",
+]
+
+
+# What a query's page leaves out when its content is not kept (privacy mode, retention).
+CONTENT_FIELDS = (
+    "prompt",
+    "messages",
+    "answer",
+    "reasoning",
+    "tool_calls",
+    "choices",
+    "params",
+    "client_ip",
+    "user_agent",
+)
 
 
 class CappedCountPaginator(Paginator):
@@ -124,7 +149,20 @@ class QueryAdmin(admin.ModelAdmin):
         return queryset
 
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in Query._meta.fields] + ["conversation", "images_preview", "params", "latency", "answer"]
+        return [f.name for f in Query._meta.fields] + [
+            "kept_note",
+            "conversation",
+            "images_preview",
+            "params",
+            "latency",
+            "answer",
+        ]
+
+    def get_fields(self, request, obj=None):
+        fields = super().get_fields(request, obj)
+        if obj is not None and not privacy.content_shown(obj):  # not kept: the page never shows it
+            fields = [f for f in fields if f not in CONTENT_FIELDS]
+        return fields
 
     def has_add_permission(self, request):
         return False
@@ -155,8 +193,14 @@ class QueryAdmin(admin.ModelAdmin):
     def latency(self, obj):
         return None if obj.total_seconds is None else round(obj.total_seconds, 3)
 
+    @admin.display(description="kept")
+    def kept_note(self, obj):
+        return privacy.kept(obj)["note"]
+
     @admin.display(description="conversation")
     def conversation(self, obj):
+        if not privacy.content_shown(obj):
+            return "Not kept: " + privacy.kept(obj)["note"]
         turns = chat.turns(obj.messages)
         if not turns:
             return "-"
@@ -171,16 +215,25 @@ class QueryAdmin(admin.ModelAdmin):
         images = list(obj.images.only(*selectors.IMAGE_FIELDS).order_by("position"))
         if not images:
             return "None (a text-only query)"
+        shown = privacy.images_shown(obj)
+
+        def picture(image):
+            if shown and image.is_kept:
+                return format_html(
+                    '<img src="{}" alt="image {} of the query" style="max-width:448px">',
+                    reverse("admin-query-image-at", args=[obj.pk, image.position]),
+                    image.position,
+                )
+            return format_html('<p class="not-kept">The image is not kept: {}</p>', privacy.kept(obj)["note"])
+
         return format_html_join(
             "",
-            '<figure class="query-image" data-position="{}" style="margin:0 0 1em">'
-            '<img src="{}" alt="image {} of the query" style="max-width:448px">'
+            '<figure class="query-image" data-position="{}" style="margin:0 0 1em">{}'
             "<figcaption>#{} · {} {}×{} · {} bytes · sha256 <code>{}</code></figcaption></figure>",
             (
                 (
                     image.position,
-                    reverse("admin-query-image-at", args=[obj.pk, image.position]),
-                    image.position,
+                    picture(image),
                     image.position,
                     image.format,
                     image.width,
@@ -205,6 +258,7 @@ def export_csv(queryset) -> StreamingHttpResponse:
         queries = selectors.with_images(queryset.select_related("tenant", "api_key").defer("answer", "messages"))
         for q in queries.iterator(chunk_size=2000):
             images = list(q.images.all())
+            kept = privacy.kept(q)
             cells = [
                 q.pk,
                 q.created_at.isoformat(),
@@ -219,7 +273,9 @@ def export_csv(queryset) -> StreamingHttpResponse:
                 q.error_code,
                 len(images),
                 " ".join(image.sha256 for image in images),
-                q.prompt,
+                q.privacy_mode,
+                kept["note"] if kept["not_kept"] else "",
+                q.prompt if privacy.content_shown(q) else "",
             ]
             yield writer.writerow([_csv_cell(cell) for cell in cells])
 

@@ -133,9 +133,10 @@ class ThreadDispatcher:
             self._queue.put(query_id)
 
     def _run(self) -> None:
-        from inference import events
+        from inference import events, workers
 
         self._load()
+        self.pruner = workers.start_pruner()  # the embedded default's periodic duty: pruning
         publisher = events.Publisher()
         if self.recover_on_start:
             try:

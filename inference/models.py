@@ -3,6 +3,7 @@ import uuid
 from django.db import models
 from django.utils import timezone
 
+from accounts.models import PrivacyMode
 from config import request_id as request_ids
 
 
@@ -69,6 +70,23 @@ class Query(models.Model):
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
+    # What is kept of it (inference/privacy.py). db_default: rows a process of the previous release
+    # writes during a rolling deploy get them too.
+    privacy_mode = models.CharField(
+        max_length=16,
+        choices=PrivacyMode.choices,
+        default=PrivacyMode.FULL,
+        db_default=PrivacyMode.FULL,
+        help_text="its tenant's privacy mode when it was accepted",
+    )
+    content_removed_at = models.DateTimeField(
+        null=True, blank=True, help_text="when its prompt, conversation and answer were removed"
+    )
+    images_removed_at = models.DateTimeField(null=True, blank=True, help_text="when its images were removed")
+    stored_images = models.PositiveSmallIntegerField(
+        default=0, db_default=0, help_text="how many of its images are held in image storage"
+    )
+
     class Meta:
         ordering = ["-created_at"]
         verbose_name_plural = "queries"
@@ -78,6 +96,20 @@ class Query(models.Model):
             models.Index(fields=["api_key", "-created_at"], name="query_key_created"),
             # the sweeper's scan for finished queries whose quota was not settled
             models.Index(fields=["finished_at"], condition=models.Q(settled_at__isnull=True), name="query_unsettled"),
+            # The pruner's scans (partial: only rows that still hold what it may remove).
+            models.Index(
+                fields=["tenant", "created_at"],
+                condition=models.Q(content_removed_at__isnull=True),
+                name="query_content_kept",
+            ),
+            models.Index(
+                fields=["tenant", "created_at"], condition=models.Q(stored_images__gt=0), name="query_images_stored"
+            ),
+            models.Index(
+                fields=["finished_at"],
+                condition=models.Q(privacy_mode=PrivacyMode.METADATA, content_removed_at__isnull=True),
+                name="query_metadata_held",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -115,8 +147,8 @@ class Query(models.Model):
 
 class QueryImage(models.Model):
     """One image of a query, in the conversation's order: what was sent (SHA-256, format, size and
-    dimensions of the upload) and what the model saw (RGB, scaled down, PNG). A table of its own so
-    that lists never load the content."""
+    dimensions of the upload) and where what the model saw (RGB, scaled down, PNG) is kept: ``key``
+    in image storage (inference/imagestore.py), empty once it is not kept."""
 
     query = models.ForeignKey(Query, on_delete=models.CASCADE, related_name="images")
     position = models.PositiveSmallIntegerField(help_text="0 for the conversation's first image part")
@@ -125,15 +157,34 @@ class QueryImage(models.Model):
     size_bytes = models.PositiveIntegerField(help_text="of the upload")
     width = models.PositiveIntegerField(help_text="of the upload")
     height = models.PositiveIntegerField(help_text="of the upload")
-    content = models.BinaryField(help_text="the normalised image the model saw")
+    key = models.CharField(
+        max_length=255,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="the normalised image the model saw, in image storage; empty when it is not kept",
+    )
+    stored_bytes = models.PositiveIntegerField(null=True, blank=True, help_text="of the normalised PNG")
+    # Before 0011 the PNG itself; 0012 (or manage.py move_images_to_storage) moves it to storage. Read
+    # only for rows a process of the previous release writes during a rolling deploy; dropped later.
+    content = models.BinaryField(null=True, blank=True, editable=False)
     content_type = models.CharField(max_length=32, default="image/png")
 
     class Meta:
         ordering = ["query", "position"]
         constraints = [models.UniqueConstraint(fields=["query", "position"], name="unique_query_image_position")]
+        indexes = [
+            models.Index(fields=["key"], condition=~models.Q(key=""), name="queryimage_key"),
+            # rows whose PNG is still in the row (to move to storage)
+            models.Index(fields=["id"], condition=models.Q(content__isnull=False), name="queryimage_in_row"),
+        ]
 
     def __str__(self) -> str:
         return f"image {self.position} of {self.query_id}"
+
+    @property
+    def is_kept(self) -> bool:
+        return bool(self.key)
 
 
 class UsageDaily(models.Model):
@@ -143,7 +194,10 @@ class UsageDaily(models.Model):
     LATENCY_BUCKETS_MS = (50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 102400)
 
     date = models.DateField()
-    tenant = models.ForeignKey("accounts.Tenant", on_delete=models.CASCADE, related_name="usage_days")
+    # Null once its tenant was deleted: the rollup outlives it, anonymised (usage and billing figures).
+    tenant = models.ForeignKey(
+        "accounts.Tenant", null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_days"
+    )
     api_key = models.ForeignKey(
         "accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_days"
     )

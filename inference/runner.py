@@ -36,11 +36,12 @@ def settle(query_id) -> bool:
     """After a query's outcome is written: refund its unused token reservation, free its concurrent
     slot, and add it to the usage rollup. Whoever ended the query calls this; the sweeper calls it
     again for a query whose ender died in between. Safe to repeat: the quota side refunds only the
-    call that ends the reservation, and the rollup is added in the transaction that marks ``settled_at``."""
+    call that ends the reservation, and the rollup is added in the transaction that marks ``settled_at``
+    (where a ``no_images`` or ``metadata`` query also loses what its mode does not keep)."""
     from django.db import transaction
 
     from accounts import quotas
-    from inference import usage
+    from inference import privacy, usage
 
     query = Query.objects.get(pk=query_id)
     if query.settled_at is not None or not query.is_finished:
@@ -54,6 +55,7 @@ def settle(query_id) -> bool:
         if not Query.objects.filter(pk=query_id, settled_at__isnull=True).update(settled_at=timezone.now()):
             return False
         usage.record_outcome(query)
+        privacy.on_settle(query)  # what the tenant's privacy mode does not keep goes now
     return True
 
 

@@ -4,7 +4,7 @@ import uuid
 
 from django.db.models import Prefetch
 
-from inference import chat
+from inference import chat, imagestore
 from inference.models import Query, QueryImage
 
 LIST_FIELDS = (
@@ -27,9 +27,12 @@ LIST_FIELDS = (
     "started_at",
     "first_token_at",
     "finished_at",
+    "privacy_mode",
+    "content_removed_at",
+    "images_removed_at",
 )
-# What pages and the API show of a query's images: everything but the content.
-IMAGE_FIELDS = ("id", "query_id", "position", "sha256", "format", "size_bytes", "width", "height")
+# What pages and the API show of a query's images (the image itself is in storage, under its key).
+IMAGE_FIELDS = ("id", "query_id", "position", "sha256", "format", "size_bytes", "width", "height", "key")
 
 
 def with_images(queries):
@@ -53,18 +56,35 @@ def tenant_query(tenant_id, query_id) -> Query | None:
 
 
 def query_image(query_id, position: int, tenant_id=None) -> QueryImage | None:
-    """The stored (normalised) image at ``position`` of a query, of ``tenant_id``'s when given."""
+    """The image at ``position`` of a query, of ``tenant_id``'s when given (its key and type)."""
     images = QueryImage.objects.filter(query_id=query_id, position=position)
     if tenant_id is not None:
         images = images.filter(query__tenant_id=tenant_id)
-    return images.only("content", "content_type").first()
+    return images.only("key", "content_type").first()
+
+
+class ImageNotKept(Exception):
+    """An image the engine needs is not in storage any more."""
+
+
+def image_bytes(image: QueryImage) -> bytes:
+    """The normalised PNG of an image row: from storage, or, for a row a process of the previous
+    release wrote during a rolling deploy (not moved yet), from the row itself."""
+    if image.key:
+        return imagestore.read(image.key)
+    content = QueryImage.objects.filter(pk=image.pk).values_list("content", flat=True).first()
+    if content is None:
+        raise ImageNotKept(f"image {image.position} of query {image.query_id} is not kept")
+    return bytes(content)
 
 
 def conversation_of(query: Query) -> tuple[list, list[bytes]]:
     """What the engine is asked: the query's conversation in the chat template's form, and its
-    normalised images (PNG bytes) in order, the k-th standing for the k-th ``{"type": "image"}``
-    part. A row written before conversations were stored asks its prompt about its images."""
-    images = [bytes(content) for content in query.images.order_by("position").values_list("content", flat=True)]
+    normalised images (PNG bytes, read from image storage) in order, the k-th standing for the
+    k-th ``{"type": "image"}`` part. A row written before conversations were stored asks its
+    prompt about its images."""
+    rows = query.images.only("id", "query_id", "position", "key").order_by("position")
+    images = [image_bytes(image) for image in rows]
     messages = query.messages or chat.one_turn(query.prompt, len(images))
     return messages, images
 

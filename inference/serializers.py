@@ -139,6 +139,7 @@ class ImageInfoSerializer(serializers.Serializer):
     width = serializers.IntegerField()
     height = serializers.IntegerField()
     bytes = serializers.IntegerField(help_text="the upload's size")
+    kept = serializers.BooleanField(help_text="whether the image itself is kept (privacy mode, retention)")
 
 
 def image_info(image) -> dict:
@@ -149,7 +150,23 @@ def image_info(image) -> dict:
         "width": image.width,
         "height": image.height,
         "bytes": image.size_bytes,
+        "kept": image.is_kept,
     }
+
+
+class KeptSerializer(serializers.Serializer):
+    """What is kept of a query, and why not the rest."""
+
+    privacy_mode = serializers.ChoiceField(
+        choices=["full", "no_images", "metadata"], help_text="its tenant's privacy mode when it was accepted"
+    )
+    not_kept = serializers.ListField(
+        child=serializers.ChoiceField(choices=["prompt", "messages", "answer", "images"]),
+        help_text="what is not kept of it (empty: everything is kept)",
+    )
+    content_removed_at = serializers.DateTimeField(allow_null=True, help_text="when retention removed its content")
+    images_removed_at = serializers.DateTimeField(allow_null=True, help_text="when its images were removed")
+    note = serializers.CharField(help_text="the same, in a sentence")
 
 
 class QueryErrorSerializer(serializers.Serializer):
@@ -185,6 +202,7 @@ class QuerySerializer(serializers.Serializer):
     usage = serializers.SerializerMethodField()
     error = serializers.SerializerMethodField()
     timings = serializers.SerializerMethodField()
+    kept = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True, help_text="null until a worker takes the query")
     finished_at = serializers.DateTimeField(allow_null=True, help_text="null until the query ends")
@@ -210,6 +228,12 @@ class QuerySerializer(serializers.Serializer):
     @extend_schema_field(QueryErrorSerializer(allow_null=True))
     def get_error(self, query) -> dict | None:
         return {"code": query.error_code, "message": query.error_message} if query.error_code else None
+
+    @extend_schema_field(KeptSerializer)
+    def get_kept(self, query) -> dict:
+        from inference import privacy
+
+        return KeptSerializer(privacy.kept(query)).data
 
     @extend_schema_field(TimingsSerializer)
     def get_timings(self, query) -> dict:

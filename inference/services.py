@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from accounts import quotas
 from config import models_registry, shutdown
 from config.errors import STATUS, ApiError
-from inference import chat, events, runner, validation
+from inference import chat, events, imagestore, runner, validation
 from inference.dispatch import get_dispatcher
 from inference.engine import tiny_model
 from inference.images import CheckedImage, check_image
@@ -199,15 +199,38 @@ def accept(
     extra_params: dict | None = None,
 ) -> Query:
     """Write the query row (``queued``), its conversation and its normalised images (one row each,
-    in order), and commit. Nothing is dispatched yet."""
+    in order, each image's PNG in image storage), and commit. Nothing is dispatched yet.
+
+    The images are stored whatever the tenant's privacy mode: the worker reads them to run the
+    query. In ``no_images`` and ``metadata`` mode they are removed when the query settles
+    (inference/privacy.py)."""
     client = client or ClientInfo()
     pngs = [image.normalised_png() for image in data.images]  # before the transaction: no lock held meanwhile
+    keys = [imagestore.key_for(api_key.tenant_id, png) for png in pngs]
     identity = (
         {"id": admission.id, "created_at": admission.at, "reserved_tokens": admission.reserved_tokens}
         if admission
         else {}
     )
+    try:
+        query = _write(api_key, data, endpoint, client, admission, model, extra_params, identity, pngs, keys)
+    except BaseException:
+        if keys:  # objects this call wrote that no row refers to (the transaction rolled back)
+            try:
+                imagestore.release(keys)
+            except Exception:
+                logger.warning("could not delete the images of a query that was not written", exc_info=True)
+        raise
+    return query
+
+
+def _write(api_key, data, endpoint, client, admission, model, extra_params, identity, pngs, keys) -> Query:
     with transaction.atomic():
+        # The objects first, under their keys' locks (held until the commit), then the rows that
+        # refer to them: an object is never deleted under a new reference (inference/imagestore.py).
+        imagestore.lock_keys(keys, exclusive=False)
+        for key, png in zip(keys, pngs, strict=True):
+            imagestore.put(key, png)
         query = Query.objects.create(
             **identity,
             tenant_id=api_key.tenant_id,
@@ -219,6 +242,8 @@ def accept(
             params={**data.params(), **(extra_params or {})},
             client_ip=client.ip,
             user_agent=(client.user_agent or "")[:512],
+            privacy_mode=api_key.tenant.privacy_mode,
+            stored_images=len(keys),
         )
         QueryImage.objects.bulk_create(
             QueryImage(
@@ -229,9 +254,10 @@ def accept(
                 size_bytes=image.size_bytes,
                 width=image.width,
                 height=image.height,
-                content=png,
+                key=key,
+                stored_bytes=len(png),
             )
-            for position, (image, png) in enumerate(zip(data.images, pngs, strict=True))
+            for position, (image, png, key) in enumerate(zip(data.images, pngs, keys, strict=True))
         )
         if admission:
             # Last, just before the commit: the admission's slot now lasts the query. If the

@@ -39,6 +39,7 @@ class _WorkerState:
     current_queries: set[str] = set()
     lock = threading.Lock()
     heartbeat: workers.HeartbeatThread | None = None
+    pruner: workers.PrunerThread | None = None
     publisher: events.Publisher | None = None
 
 
@@ -112,6 +113,7 @@ def load_model_on_start(sender=None, **kwargs):
     state.publisher = events.Publisher()
     state.heartbeat = workers.HeartbeatThread(state.name, _heartbeat_info, publisher=state.publisher)
     state.heartbeat.start()
+    state.pruner = workers.start_pruner()
     if config.backend == "openai":
         logger.info(
             "sightline worker %s: engine server %s (model %s), queue %s, %d queries in flight at most",
@@ -144,6 +146,8 @@ def load_model_on_start(sender=None, **kwargs):
 def stop_heartbeat(**kwargs):
     if state.heartbeat is not None:
         state.heartbeat.stop()
+    if state.pruner is not None:
+        state.pruner.stop()
 
 
 @shared_task(name="inference.run_query", acks_late=True, reject_on_worker_lost=True, ignore_result=True)

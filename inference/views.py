@@ -7,15 +7,25 @@ from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse, JsonResponse
+from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpResponse,
+    HttpResponseRedirect,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.shortcuts import render
+from django.urls import reverse
 from django.utils.crypto import constant_time_compare
 from django.views.decorators.http import require_GET
 
 from accounts import dashboard
 from accounts.views import _context
 from config.errors import ApiError, error_body
-from inference import chat, selectors, services
+from inference import chat, exports, imagestore, privacy, selectors, services
 from inference import metrics as inference_metrics
 from inference.charts import bar_chart
 from inference.models import Query
@@ -24,12 +34,30 @@ PAGE_SIZE = 50
 
 
 def _image_response(query_id, position: int = 0, tenant_id=None) -> HttpResponse:
-    """The stored (normalised) image at ``position`` of a query; 404 when there is none (or, with
-    ``tenant_id``, when the query is another tenant's)."""
+    """The stored (normalised) image at ``position`` of a query: streamed from image storage, or a
+    redirect to a short-lived signed URL of it (a bucket, IMAGE_S3_SERVE=redirect). 404 when there
+    is none, when it is not kept, or (with ``tenant_id``) when the query is another tenant's: the
+    tenant is checked before storage is asked anything."""
     image = selectors.query_image(query_id, position, tenant_id=tenant_id)
     if image is None:
         raise Http404("No such image.")
-    response = HttpResponse(bytes(image.content), content_type=image.content_type)
+    if not image.key:  # not kept, or a row of the previous release not moved to storage yet
+        try:
+            return _private(HttpResponse(selectors.image_bytes(image), content_type=image.content_type))
+        except selectors.ImageNotKept:
+            raise Http404("This image is not kept (the tenant's privacy mode or retention).") from None
+    if imagestore.is_remote() and settings.IMAGE_S3_SERVE == "redirect":
+        response = HttpResponseRedirect(imagestore.url(image.key))
+        response["Cache-Control"] = "no-store"  # the signed URL expires soon: never cache the redirect
+        return response
+    try:
+        stored = imagestore.store().open(image.key, "rb")
+    except FileNotFoundError:
+        raise Http404("This image is not in storage.") from None
+    return _private(FileResponse(stored, content_type=image.content_type))
+
+
+def _private(response: HttpResponse) -> HttpResponse:
     response["Cache-Control"] = "private, max-age=3600"
     return response
 
@@ -57,6 +85,9 @@ def query_list(request):
     page = list(queries[: PAGE_SIZE + 1])
     more = len(page) > PAGE_SIZE
     page = page[:PAGE_SIZE]
+    for query in page:
+        query.content_shown = privacy.content_shown(query)
+        query.kept = privacy.kept(query)
     next_params = None
     if more:
         params = request.GET.copy()
@@ -76,6 +107,7 @@ def query_list(request):
             # the served models (the registry), not a SELECT DISTINCT over the tenant's log
             models=[m for m in services.served_models() if membership.tenant.may_use(m)],
             api_keys=membership.tenant.api_keys.order_by("name"),
+            policy=privacy.tenant_policy(membership.tenant),
         ),
     )
 
@@ -94,8 +126,11 @@ def query_detail(request, query_id):
             membership,
             query=query,
             images=list(query.images.all()),
-            turns=chat.turns(query.messages),
+            turns=chat.turns(query.messages) if privacy.content_shown(query) else [],
             max_side=settings.MAX_IMAGE_SIDE,
+            content_shown=privacy.content_shown(query),
+            images_shown=privacy.images_shown(query),
+            kept=privacy.kept(query),
         ),
     )
 
@@ -104,6 +139,31 @@ def query_detail(request, query_id):
 def query_image(request, query_id, position: int = 0):
     membership = dashboard.current_membership(request)
     return _image_response(query_id, position, tenant_id=membership.tenant_id)
+
+
+@login_required
+def query_export(request):
+    """The tenant's query log as JSON Lines (owners only), streamed; each kept image linked."""
+    from accounts.models import Membership
+
+    membership = dashboard.current_membership(request)
+    if membership.role != Membership.Role.OWNER:
+        raise PermissionDenied("Only the tenant's owners export its query log.")
+
+    def image_url(query, position):
+        return request.build_absolute_uri(reverse("dashboard:query-image-at", args=[query.pk, position]))
+
+    key = request.GET.get("key", "")
+    api_key_id = int(key) if key.isdigit() else None
+    # Under ASGI an asynchronous iterator, so that each page goes out as it is read.
+    pages = exports.apages if isinstance(request, ASGIRequest) else exports.pages
+    response = StreamingHttpResponse(
+        pages(membership.tenant_id, image_url, api_key_id=api_key_id), content_type="application/x-ndjson"
+    )
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    response["Content-Disposition"] = f'attachment; filename="{membership.tenant.slug}-queries-{stamp}.jsonl"'
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_required
@@ -165,7 +225,7 @@ def admin_usage(request):
                 height=80,
             ),
         )
-        for t in tenants[:10]
+        for t in [t for t in tenants if t["tenant"] is not None][:10]
     ]
     return render(
         request,

@@ -12,6 +12,9 @@
   heartbeat thread, one at a time across workers by a Redis lock; ``manage.py sweep_queries`` runs
   it by hand or from cron. One sweeper serves every registered model: what it dispatches again goes
   to the queue of the query's model.
+* The pruner (inference/privacy.py) removes what the tenants' retention and privacy modes do not
+  keep, every PRUNE_INTERVAL_SECONDS, in a thread of its own (a long pass never delays a
+  heartbeat), one worker at a time by a Redis lock; ``manage.py prune_queries`` runs it by hand.
 """
 
 import json
@@ -335,6 +338,57 @@ class HeartbeatThread(threading.Thread):
             forget(self.worker_name)
         except redis.RedisError:
             pass
+
+
+# --- the pruner ---------------------------------------------------------------------------------
+def prune_with_lock() -> dict | None:
+    """One pruning pass (at most PRUNE_PASS_SECONDS), unless another worker is running one now."""
+    from inference import privacy
+
+    if settings.EMBEDDED:  # one process: nobody to share with
+        return privacy.prune(seconds=settings.PRUNE_PASS_SECONDS)
+    lock = client().lock(_key("pruner"), timeout=settings.PRUNE_PASS_SECONDS + 120, blocking=False)
+    if not lock.acquire(blocking=False):
+        return None
+    try:
+        return privacy.prune(seconds=settings.PRUNE_PASS_SECONDS)
+    finally:
+        try:
+            lock.release()
+        except redis.RedisError:
+            pass
+
+
+class PrunerThread(threading.Thread):
+    """Runs ``prune_with_lock`` every PRUNE_INTERVAL_SECONDS (the first pass one interval after the
+    start), beside the heartbeat thread of a worker or the embedded default's worker thread."""
+
+    def __init__(self, interval: float | None = None):
+        super().__init__(name="sightline-pruner", daemon=True)
+        self.interval = settings.PRUNE_INTERVAL_SECONDS if interval is None else interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                close_old_connections()
+                prune_with_lock()
+            except Exception:
+                logger.exception("pruner failed")
+            finally:
+                close_old_connections()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def start_pruner() -> PrunerThread | None:
+    """Start the pruner thread unless PRUNE_INTERVAL_SECONDS is 0 (cron runs prune_queries)."""
+    if settings.PRUNE_INTERVAL_SECONDS <= 0:
+        return None
+    pruner = PrunerThread()
+    pruner.start()
+    return pruner
 
 
 def batch_info(engine) -> dict:

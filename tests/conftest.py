@@ -42,6 +42,34 @@ def _forced_outputs():
     os.environ[SLOW_TEST_MARKER_ENV] = SLOW
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_pruner():
+    """No pruner thread in this process's embedded worker or in the processes the tests start: it
+    would prune other tests' rows under them. Tests call the pruner themselves, or start a stack
+    with PRUNE_INTERVAL_SECONDS set (tests/test_storage.py)."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    os.environ["PRUNE_INTERVAL_SECONDS"] = "0"
+    with override_settings(PRUNE_INTERVAL_SECONDS=0):
+        assert settings.PRUNE_INTERVAL_SECONDS == 0
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _image_storage(tmp_path_factory):
+    """The session's images in a folder of its own, for this process and the processes it starts
+    (not var/images: the test databases of different sessions reuse tenant ids, so image keys)."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    folder = tmp_path_factory.mktemp("images")
+    os.environ["IMAGE_STORAGE_DIR"] = str(folder)
+    images = {"BACKEND": "inference.imagestore.ImageFileStorage", "OPTIONS": {"location": str(folder)}}
+    with override_settings(STORAGES={**settings.STORAGES, "images": images}):
+        yield folder
+
+
 @pytest.fixture
 def tenant(db):
     from accounts import services

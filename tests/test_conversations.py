@@ -26,6 +26,7 @@ from django.test import Client
 from accounts import services as accounts
 from accounts.models import Membership
 from config.errors import ApiError
+from inference import imagestore
 from inference import services as inference_services
 from inference.models import Query, QueryImage
 from inference.selectors import conversation_of
@@ -64,10 +65,11 @@ def _assert_images(query: Query, pictures: list[tuple[bytes, str]]) -> None:
     for row, (data, fmt) in zip(rows, pictures, strict=True):
         assert row.sha256 == hashlib.sha256(data).hexdigest()
         assert (row.format, row.size_bytes, row.width, row.height) == (fmt, len(data), 40, 30)
-        assert bytes(row.content)[:8] == b"\x89PNG\r\n\x1a\n"
+        assert imagestore.read(row.key)[:8] == b"\x89PNG\r\n\x1a\n"  # in image storage, not in the row
+        assert row.content is None and row.stored_bytes == len(imagestore.read(row.key))
     messages, pngs = conversation_of(query)
     assert messages == query.messages
-    assert pngs == [bytes(row.content) for row in rows]
+    assert pngs == [imagestore.read(row.key) for row in rows]
     placeholders = [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
     assert len(placeholders) == len(pictures)
 
@@ -475,6 +477,11 @@ def three_image_query(tenant, api_key):
     return query, pictures
 
 
+def _body(response) -> bytes:
+    """A response's body, streamed (an image from storage) or not."""
+    return b"".join(response.streaming_content) if response.streaming else response.content
+
+
 def _figures(page: str) -> list[tuple[str, str]]:
     import re
 
@@ -500,10 +507,10 @@ def test_dashboard_shows_every_image_to_members_only(three_image_query, tenant):
         for position in range(3):
             image = client.get(f"/dashboard/queries/{query.pk}/image/{position}")
             assert image.status_code == 200 and image["Content-Type"] == "image/png"
-            assert image.content == bytes(QueryImage.objects.get(query=query, position=position).content)
+            assert _body(image) == imagestore.read(QueryImage.objects.get(query=query, position=position).key)
         assert client.get(f"/dashboard/queries/{query.pk}/image/3").status_code == 404
         first = client.get(f"/dashboard/queries/{query.pk}/image.png")  # the one-image URL: the first
-        assert first.content == client.get(f"/dashboard/queries/{query.pk}/image/0").content
+        assert _body(first) == _body(client.get(f"/dashboard/queries/{query.pk}/image/0"))
     client = Client()
     client.force_login(outsider)
     assert client.get(f"/dashboard/queries/{query.pk}/").status_code == 404
@@ -599,7 +606,10 @@ def test_the_migration_moves_conversations_and_images(tenant, api_key):
     for query in (chat, glm):
         image = query.images.get()
         assert (image.position, image.sha256, image.format, image.size_bytes) == (0, "a" * 64, "JPEG", 12345)
-        assert (image.width, image.height, bytes(image.content)) == (640, 480, png)
+        # 0012 moved the PNG out of the row into image storage, under the tenant's content address.
+        assert (image.width, image.height, image.content) == (640, 480, None)
+        assert image.key == imagestore.key_for(tenant.pk, png) and imagestore.read(image.key) == png
+        assert (image.stored_bytes, query.stored_images) == (len(png), 1)
 
     # The batch path (SQLite, the embedded default), on 0007's models.
     executor = MigrationExecutor(connection)

@@ -9,6 +9,7 @@ import hashlib
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from inference import imagestore
 from inference.dispatch import get_dispatcher
 from inference.models import Query
 from tests import media
@@ -58,7 +59,8 @@ def test_multipart_request_succeeds_and_writes_one_row(authed_client, api_key, p
     assert query.messages == [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}
     ]
-    assert bytes(image.content)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert imagestore.read(image.key)[:8] == b"\x89PNG\r\n\x1a\n"  # in image storage; the row holds the key
+    assert image.content is None and image.key == imagestore.key_for(query.tenant_id, imagestore.read(image.key))
 
 
 @pytest.mark.parametrize("as_data_uri", [False, True], ids=["base64", "data-uri"])

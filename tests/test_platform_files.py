@@ -229,7 +229,13 @@ def test_compose_topology(compose_model, settings_defaults):
     assert worker_vllm["environment"]["INFERENCE_BACKEND"] == "openai"
     assert worker_vllm["environment"]["INFERENCE_ENGINE_URL"] == "http://vllm:8000/v1"
     assert "deploy" not in worker_vllm  # the GPU is the engine's
-    assert set(compose_model["volumes"]) >= {"pgdata", "redis-data", "models"}
+    assert set(compose_model["volumes"]) >= {"pgdata", "redis-data", "models", "images"}
+    # Images: the web processes write them, the workers read them, the migration moves old ones there.
+    for name in ("migrate", "web1", "web2", "worker-gpu0", "worker-gpu1", "worker-vllm"):
+        folder = services[name]["environment"]["IMAGE_STORAGE_DIR"]
+        assert {"type": "volume", "source": "images", "target": folder} in [
+            {k: v[k] for k in ("type", "source", "target")} for v in services[name]["volumes"]
+        ], name
 
 
 def haproxy_check(env: dict) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from django.db import transaction
 
 from accounts import services
 from accounts.models import Membership, Tenant
-from inference import chat, usage
+from inference import chat, imagestore, usage
 from inference.models import Query, QueryImage
 from inference.samples import sample_png
 
@@ -77,6 +77,10 @@ class Command(BaseCommand):
                     finished_at=created + timedelta(seconds=total),
                     settled_at=created + timedelta(seconds=total),
                 )
+                key = imagestore.key_for(tenant.pk, png)
+                if images:
+                    imagestore.put(key, png)  # one object: the same picture every time
+                    Query.objects.filter(pk=query.pk).update(stored_images=images)
                 for position in range(images):
                     QueryImage.objects.create(
                         query=query,
@@ -86,7 +90,8 @@ class Command(BaseCommand):
                         size_bytes=len(png),
                         width=320,
                         height=240,
-                        content=png,
+                        key=key,
+                        stored_bytes=len(png),
                     )
                 usage.record_outcome(query)
         self.stdout.write(
