@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Q
 
-from inference import privacy, selectors
+from inference import privacy, selectors, serializers
 from inference.models import Query
 
 PAGE = 500
@@ -48,12 +48,7 @@ def record(query: Query, image_url: Callable[[Query, int], str]) -> dict:
         },
         "images": [
             {
-                "position": image.position,
-                "sha256": image.sha256,
-                "format": image.format,
-                "width": image.width,
-                "height": image.height,
-                "bytes": image.size_bytes,
+                **serializers.image_info(image),  # the API's shape, plus whether this export shows it
                 "kept": images_shown and image.is_kept,
                 "url": image_url(query, image.position) if images_shown and image.is_kept else None,
             }

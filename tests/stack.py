@@ -334,3 +334,16 @@ class EngineServer:
             self.kill(signal.SIGTERM)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
+
+
+def wait_finished(query_id, timeout=120):
+    """The query once it has ended (bounded wait); its row from the test database."""
+    from inference.models import Query
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        query = Query.objects.get(pk=query_id)
+        if query.is_finished:
+            return query
+        time.sleep(0.1)
+    raise AssertionError(f"query {query_id} did not finish: {Query.objects.get(pk=query_id).status}")

@@ -32,7 +32,7 @@ from inference.engine.remote import RemoteEngine, StreamReader, error_for_status
 from inference.models import Query
 from tests import forcing, media
 from tests.conftest import REPO, free_port
-from tests.stack import EngineServer, get_json, post_json, running_stack
+from tests.stack import EngineServer, get_json, post_json, running_stack, wait_finished
 
 MODEL = "glm-4.6v-flash"  # the public name (INFERENCE_MODEL_NAME)
 # Tests through the stack: their rows are committed, for the stack's processes to see.
@@ -83,16 +83,6 @@ def _image_b64(seed=0, width=64, height=48) -> str:
 
 def _data_uri(seed=0) -> str:
     return "data:image/png;base64," + _image_b64(seed)
-
-
-def wait_finished(query_id, timeout=120) -> Query:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        query = Query.objects.get(pk=query_id)
-        if query.is_finished:
-            return query
-        time.sleep(0.1)
-    raise AssertionError(f"query {query_id} did not finish: {Query.objects.get(pk=query_id).status}")
 
 
 def _in_process(local_engine, query: Query):

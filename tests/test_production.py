@@ -16,7 +16,7 @@ from accounts import services as accounts
 from inference.models import Query
 from tests import media
 from tests.conftest import free_port
-from tests.stack import Stack, get_json, post_json
+from tests.stack import Stack, get_json, post_json, wait_finished
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,16 +28,6 @@ def key(tenant):
 
 def _image_b64(seed=0) -> str:
     return base64.b64encode(media.encode(media.image(64, 64, seed=seed), "PNG")).decode()
-
-
-def wait_finished(query_id, timeout=120) -> Query:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        query = Query.objects.get(pk=query_id)
-        if query.is_finished:
-            return query
-        time.sleep(0.2)
-    raise AssertionError(f"query {query_id} did not finish: {Query.objects.get(pk=query_id).status}")
 
 
 def test_rest_infer_runs_on_the_celery_worker(live_stack, key):
