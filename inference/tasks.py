@@ -364,6 +364,9 @@ class CeleryDispatcher:
                     for w in mine
                 ],
             }
+            if not models[served.name]["model_loaded"]:
+                # Seen unserved: no longer believed served (unavailable() asks again next time).
+                self._available_until.pop(served.name, None)
         return {
             "mode": "celery",
             "model": settings.INFERENCE_MODEL_NAME,
