@@ -283,21 +283,20 @@ class CeleryDispatcher:
             if not hasattr(channel, "unacked_index_key"):  # not Redis (the tests' memory:// broker)
                 return counts
             redis_client = channel.client
-            held: dict[str, bytes] = {}  # query id -> delivery tag, of every message a worker holds
-            for tag, raw in redis_client.hscan_iter(channel.unacked_key):
-                query_id = _query_of_message(raw)
-                if query_id:
-                    held[query_id] = tag
-            old_tags = set(
-                redis_client.zrange(
-                    channel.unacked_index_key, 0, time.time() - unclaimed_after, byscore=True, offset=0, num=limit
-                )
+            # Only the messages held longer than unclaimed_after are read (most sweeps find none).
+            stale_held: dict[str, bytes] = {}  # query id -> delivery tag
+            old_tags = redis_client.zrange(
+                channel.unacked_index_key, 0, time.time() - unclaimed_after, byscore=True, offset=0, num=limit
             )
-            stale_held = [q for q, tag in held.items() if tag in old_tags and q not in held_by_live]
-            for query_id in Query.objects.filter(pk__in=stale_held, status=Query.Status.QUEUED).values_list(
+            for tag in old_tags:
+                raw = redis_client.hget(channel.unacked_key, tag)
+                query_id = _query_of_message(raw) if raw else None
+                if query_id and query_id not in held_by_live:
+                    stale_held[query_id] = tag
+            for query_id in Query.objects.filter(pk__in=list(stale_held), status=Query.Status.QUEUED).values_list(
                 "pk", flat=True
-            )[:limit]:
-                channel.qos.restore_by_tag(held[str(query_id)], client=redis_client)
+            ):
+                channel.qos.restore_by_tag(stale_held[str(query_id)], client=redis_client)
                 counts["redelivered"] += 1
 
             # Every registered model's rows, each sent to its model's queue (one sweeper serves them all).
@@ -313,6 +312,8 @@ class CeleryDispatcher:
             ]
             if not old_queued:
                 return counts
+            # Every message a worker holds, and every one waiting in these models' queues.
+            held = {_query_of_message(raw) for raw in redis_client.hvals(channel.unacked_key)}
             waiting = {
                 _query_of_message(raw)
                 for queue in {queues[model] for _, model in old_queued}
