@@ -26,6 +26,19 @@ K8S_VERSION = "1.33"  # validated against this Kubernetes (and all later: native
 KUSTOMIZATIONS = ("base", "overlays/example", "overlays/example-vllm")
 
 
+# How compose and Kubernetes start vLLM for GLM-4.6V-Flash (its reasoning and tool-call parsers).
+VLLM_SERVE = [
+    "vllm",
+    "serve",
+    "zai-org/GLM-4.6V-Flash",
+    "--reasoning-parser",
+    "glm45",
+    "--tool-call-parser",
+    "glm45",
+    "--enable-auto-tool-choice",
+]
+
+
 def tool(name: str) -> str:
     """A tool from the dev extra (the virtual environment's bin), else the system's."""
     path = BIN / name
@@ -214,16 +227,7 @@ def test_compose_topology(compose_model, settings_defaults):
     assert {lb["SIGHTLINE_WEB1"], lb["SIGHTLINE_WEB2"]} == {"web1:8000", "web2:8000"}
     # vLLM beside a worker that streams from it.
     vllm = services["vllm"]
-    assert vllm["entrypoint"] + vllm["command"][:6] == [
-        "vllm",
-        "serve",
-        "zai-org/GLM-4.6V-Flash",
-        "--reasoning-parser",
-        "glm45",
-        "--tool-call-parser",
-        "glm45",
-        "--enable-auto-tool-choice",
-    ]
+    assert vllm["entrypoint"] + vllm["command"][:6] == VLLM_SERVE
     assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     worker_vllm = services["worker-vllm"]
     assert worker_vllm["environment"]["INFERENCE_BACKEND"] == "openai"
@@ -430,16 +434,7 @@ def test_kubernetes_numbers_agree(rendered, path, settings_defaults):
     if path.endswith("vllm"):
         (engine,) = worker["initContainers"]
         assert gpus == ["vllm"] and engine["restartPolicy"] == "Always"  # a native sidecar
-        assert engine["command"] + engine["args"][:6] == [
-            "vllm",
-            "serve",
-            "zai-org/GLM-4.6V-Flash",
-            "--reasoning-parser",
-            "glm45",
-            "--tool-call-parser",
-            "glm45",
-            "--enable-auto-tool-choice",
-        ]
+        assert engine["command"] + engine["args"][:6] == VLLM_SERVE
         assert {"startupProbe", "livenessProbe", "readinessProbe"} <= set(engine)
         shm = [v for v in worker["volumes"] if v["name"] == "dshm"]
         assert shm[0]["emptyDir"]["medium"] == "Memory"
