@@ -96,6 +96,7 @@ INSTALLED_APPS = [
     "channels",
     "accounts",
     "inference",
+    "dashboard",
 ]
 
 MIDDLEWARE = [

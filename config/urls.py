@@ -2,7 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
-from accounts.views import limit_sign_in
+from dashboard.views import admin as admin_views
+from dashboard.views.auth import limit_sign_in
 from inference import views as inference_views
 
 admin.site.site_header = "Sightline admin"
@@ -15,17 +16,17 @@ urlpatterns = [
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi"), name="docs"),
     path("metrics", inference_views.metrics, name="metrics"),
-    path("admin/usage/", inference_views.admin_usage, name="admin-usage"),
+    path("admin/usage/", admin_views.admin_usage, name="admin-usage"),
     # The query's first image (the URL of one-image days), and each by its position.
-    path("admin/queries/<uuid:query_id>/image.png", inference_views.admin_query_image, name="admin-query-image"),
+    path("admin/queries/<uuid:query_id>/image.png", admin_views.admin_query_image, name="admin-query-image"),
     path(
         "admin/queries/<uuid:query_id>/image/<int:position>",
-        inference_views.admin_query_image,
+        admin_views.admin_query_image,
         name="admin-query-image-at",
     ),
     path("admin/login/", limit_sign_in(admin.site.login)),  # before admin.site.urls: the same sign-in limit
     path("admin/", admin.site.urls),
-    path("dashboard/", include("accounts.urls")),
+    path("dashboard/", include("dashboard.urls")),
 ]
 
 # Errors raised outside DRF's views (unknown paths, a refused Host header) are JSON under /v1/.
