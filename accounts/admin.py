@@ -2,12 +2,16 @@ from django.contrib import admin, messages
 
 from accounts import services
 from accounts.models import ApiKey, Membership, Tenant
+from config.admin_widgets import FORMFIELD_OVERRIDES
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(admin.StackedInline):
+    """Stacked, not tabular: a tabular inline's fields have no label of their own (axe-core)."""
+
     model = Membership
     extra = 0
     autocomplete_fields = ["user"]
+    readonly_fields = ["created_at"]
 
 
 @admin.register(Tenant)
@@ -29,6 +33,8 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [MembershipInline]
+    readonly_fields = ["created_at"]
+    formfield_overrides = FORMFIELD_OVERRIDES
 
     # Deleting a tenant deletes its queries and their stored images in batches
     # (inference.privacy.delete_tenant), never through Django's collector, which would load every
@@ -66,12 +72,15 @@ class MembershipAdmin(admin.ModelAdmin):
     list_filter = ["role", "tenant"]
     search_fields = ["user__username", "tenant__name"]
     autocomplete_fields = ["user", "tenant"]
+    readonly_fields = ["created_at"]
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are created by their tenants (dashboard) or the create_api_key command: the secret is
     shown once there. Here a key can be reviewed, given quota overrides, and revoked."""
+
+    formfield_overrides = FORMFIELD_OVERRIDES
 
     list_display = ["name", "tenant", "display_prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
     list_filter = ["tenant", ("revoked_at", admin.EmptyFieldListFilter)]
