@@ -12,6 +12,7 @@ from inference import chat, privacy, selectors, services
 from inference.models import Query
 
 PAGE_SIZE = 50
+SHOWN_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n")
 
 
 @login_required
@@ -81,7 +82,6 @@ def query_detail(request, query_id):
                 image = by_rank.get(part["rank"])
                 part["image"] = image
                 part["shown"] = bool(images_shown and image is not None and image.is_kept)
-    params = query.params or {}
     return render(
         request,
         "dashboard/query_detail.html",
@@ -91,17 +91,21 @@ def query_detail(request, query_id):
             query=query,
             images=images,
             conversation=conversation,
-            settings_used=[
-                (name, params[name])
-                for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "enable_thinking")
-                if params.get(name) is not None
-            ],
+            settings_used=_settings_used(query.params or {}),
             max_side=settings.MAX_IMAGE_SIDE,
             content_shown=content_shown,
             images_shown=images_shown,
             kept=privacy.kept(query),
         ),
     )
+
+
+def _settings_used(params: dict) -> list[tuple[str, str]]:
+    """The decoding values a query asked for, as the detail lists them (None: the model's default)."""
+    shown = [(name, str(params[name])) for name in SHOWN_PARAMS if params.get(name) is not None]
+    if "enable_thinking" in params:
+        shown.append(("thinking", "on" if params["enable_thinking"] else "off"))
+    return shown
 
 
 @login_required
