@@ -137,6 +137,9 @@ def test_two_turns_with_two_images_then_the_same_request_as_curl_and_python(
     assert "$SIGHTLINE_API_KEY" in curl and 'os.environ["SIGHTLINE_API_KEY"]' in python
     prefixes = from_db(lambda: list(ApiKey.objects.values_list("prefix", flat=True)))
     assert prefixes and not any(f"sl_{prefix}_" in curl + python for prefix in prefixes)  # no key is printed
+    page.click("button[data-copy=curl-code]")
+    expect(page.locator("#copy-status")).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == curl
     shot(page, "playground-show-as-curl")
     check_accessible(page, "playground with the code")
 
@@ -232,3 +235,16 @@ def test_thinking_on_shows_the_reasoning_apart_from_the_answer(owner, browser_co
     plain = from_db(lambda: Query.objects.get(pk=plain_id))
     assert plain.params["enable_thinking"] is False and plain.reasoning == ""
     expect(page.locator("#turns > li.assistant").last.locator(".reasoning")).to_be_hidden()
+
+
+def test_the_model_picker_offers_the_served_models_the_tenant_may_use(owner, client):
+    client.force_login(owner)
+    page = client.get("/dashboard/playground/").content.decode()
+    assert '<option value="glm-4.6v-flash" selected>glm-4.6v-flash</option>' in page
+    assert 'id="max-tokens" name="max_tokens" value="256" min="1" max="1024"' in page  # the model's limit
+    assert 'at most <span id="max-images">8</span>' in page
+    tenant = owner.memberships.get().tenant
+    tenant.allowed_models = ["some-other-model"]
+    tenant.save(update_fields=["allowed_models"])
+    page = client.get("/dashboard/playground/").content.decode()
+    assert 'id="no-models"' in page and '<option value="glm-4.6v-flash"' not in page
