@@ -19,7 +19,7 @@ SHOWN_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n")
 def query_list(request):
     membership = dashboard.current_membership(request)
     tenant = membership.tenant
-    api_keys = tenant.api_keys.order_by("name")
+    api_keys = list(tenant.api_keys.order_by("name"))
     models = [m for m in services.served_models() if tenant.may_use(m)]  # the registry, not a DISTINCT over the log
     form = QueryLogFilter(request.GET, api_keys=api_keys, models=models)
     page, next_params, problems = [], None, []
