@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import timedelta
 from importlib import import_module
+from urllib.parse import quote
 
 from _common import REPO, fresh_database, spread  # noqa: E402
 
@@ -255,6 +257,9 @@ def main():
     old = Query.objects.filter(tenant=acme).order_by("-created_at").only("created_at")[min(50_000, args.rows // 10)]
     owner, admin = session_cookie("bench-owner"), session_cookie("bench-admin")
 
+    def day(ago: int) -> str:  # a UTC day of the log, for the query log's date range
+        return (newest.created_at - timedelta(days=ago)).date().isoformat()
+
     port = 8765
     web = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -284,6 +289,9 @@ def main():
             ("owner", "/dashboard/queries/?status=failed"),
             ("owner", f"/dashboard/queries/?key={key.pk}&endpoint=websocket"),
             ("owner", f"/dashboard/queries/?before={old.created_at.isoformat().replace('+', '%2B')}"),
+            ("owner", f"/dashboard/queries/?before={quote(f'{old.created_at.isoformat()}~{old.pk}')}"),
+            ("owner", f"/dashboard/queries/?date_from={day(30)}&date_to={day(20)}"),
+            ("owner", f"/dashboard/queries/?date_from={day(30)}&date_to={day(20)}&status=failed&model=glm-4.6v-flash"),
             ("owner", f"/dashboard/queries/{recent.pk}/"),
             ("owner", "/dashboard/playground/"),
             ("owner", "/dashboard/data/"),

@@ -46,13 +46,52 @@ def tenant_queries(tenant_id):
     return Query.objects.filter(tenant_id=tenant_id).only(*LIST_FIELDS).order_by("-created_at", "-id")
 
 
-def tenant_query(tenant_id, query_id) -> Query | None:
-    """One of the tenant's queries, with its images' facts (``with_images``); None if not theirs."""
+def tenant_query(tenant_id, query_id, *, every_field: bool = False) -> Query | None:
+    """One of the tenant's queries, with its images' facts (``with_images``); None if not theirs.
+    ``every_field``: every column loaded at once (a detail page shows reasoning, tool calls, choices
+    and reasoning tokens too, which the log's fields leave out)."""
     try:
         query_uuid = uuid.UUID(str(query_id))
     except ValueError:
         return None
-    return with_images(tenant_queries(tenant_id).filter(pk=query_uuid)).first()
+    rows = Query.objects.filter(tenant_id=tenant_id) if every_field else tenant_queries(tenant_id)
+    return with_images(rows.filter(pk=query_uuid)).first()
+
+
+def filter_log(
+    queries,
+    *,
+    status: str = "",
+    endpoint: str = "",
+    model: str = "",
+    api_key_id: int | None = None,
+    created_from=None,
+    created_until=None,
+    before: tuple | None = None,
+):
+    """The query log's filters on ``queries`` (ordered newest first, ``-created_at, -id``):
+    ``created_from`` inclusive, ``created_until`` exclusive (datetimes), and the keyset cursor
+    ``before`` = (created_at, id) of the last row of the previous page: the rows after it in that
+    order. No OFFSET and no COUNT: each page reads its rows off the (tenant, -created_at) index."""
+    if status:
+        queries = queries.filter(status=status)
+    if endpoint:
+        queries = queries.filter(endpoint=endpoint)
+    if model:
+        queries = queries.filter(model=model)
+    if api_key_id is not None:
+        queries = queries.filter(api_key_id=api_key_id)
+    if created_from is not None:
+        queries = queries.filter(created_at__gte=created_from)
+    if created_until is not None:
+        queries = queries.filter(created_at__lt=created_until)
+    if before is not None:
+        created_at, query_id = before
+        if query_id is None:  # a cursor of the previous release: a time alone
+            queries = queries.filter(created_at__lt=created_at)
+        else:
+            queries = queries.filter(created_at__lte=created_at).exclude(created_at=created_at, id__gte=query_id)
+    return queries
 
 
 def query_image(query_id, position: int, tenant_id=None) -> QueryImage | None:

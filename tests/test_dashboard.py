@@ -115,10 +115,10 @@ def test_every_page_shows_what_it_promises_to_a_member(world):
 
     detail = page(f"/dashboard/queries/{query.pk}/")  # the image, answer, tokens and timings
     assert 'id="query-image"' in detail and '<div id="answer">an answer</div>' in detail
-    assert "10 prompt, 5 completion" in detail and "Timings:" in detail
+    assert "10 prompt, 5 completion" in detail and "<dt>Timings</dt>" in detail
 
-    playground = page("/dashboard/playground/")  # image, prompt, a run button; says the model is noise
-    assert all(f'id="{element}"' in playground for element in ("image", "prompt", "run", "answer"))
+    playground = page("/dashboard/playground/")  # images, prompt, send, the conversation; says the model is noise
+    assert all(f'id="{element}"' in playground for element in ("image", "prompt", "run", "turns", "model", "thinking"))
     assert 'id="tiny-model-notice"' in playground and "random noise" in playground
 
     key_page = page(f"/dashboard/keys/{key.pk}/")
