@@ -27,7 +27,7 @@ def examples(*, base_url: str, key: str, model: str) -> list[dict]:
     ws_url = "ws" + base_url.removeprefix("http") + "/ws/v1/infer"
     curl = (
         f'curl -s -H "Authorization: Bearer {key}" -F image=@picture.png \\\n'
-        f'     -F prompt="{PROMPT}" {base_url}/v1/glm/infer'
+        f'     -F prompt="{PROMPT}" -F max_tokens=64 {base_url}/v1/glm/infer'
     )
     python = f'''import base64
 
@@ -50,7 +50,7 @@ response = client.chat.completions.create(
     max_tokens=64,
 )
 print(response.choices[0].message.content)'''
-    javascript = f"""// In a browser's console (or Node 22+); the answer arrives token by token.
+    javascript = f"""// Node 22+ (Node 20: node --experimental-websocket example.js); the answer arrives token by token.
 const image = "{sample_image_data_url()}"; // your picture as a data URL
 const socket = new WebSocket("{ws_url}");
 let answer = "";
