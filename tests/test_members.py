@@ -8,9 +8,12 @@ from datetime import timedelta
 import pytest
 from django.test import Client
 from django.utils import timezone
+from playwright.sync_api import expect
 
 from accounts import keys, services
 from accounts.models import AuditEvent, Invitation, Membership
+from tests.a11y import check_accessible, check_narrow
+from tests.test_browser import browser_context, from_db, shot, sign_in  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.django_db
 PASSWORD = "pw-12345678"
@@ -238,3 +241,64 @@ def test_every_change_is_recorded_and_shown(team):
         f'datetime="{e.created_at.isoformat()}' in activity or e.created_at.isoformat()[:19] in activity for e in events
     )
     assert "revoked a key: key audited-2" in activity
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_invitation_accepted_in_a_second_browser(team, live_stack, browser_context):  # noqa: F811
+    """The owner creates a link in one browser; someone else opens it in another (no session),
+    chooses a username and a password, and lands signed in on the tenant's dashboard."""
+    page = browser_context.new_page()
+    sign_in(page, "owner", PASSWORD)
+    page.click("header nav >> text=Members")
+    expect(page.locator("h1")).to_have_text("Members of Team A")
+    page.select_option("#create-invitation select[name=role]", "admin")
+    page.click("#create-invitation button[type=submit]")
+    link = page.locator("#invitation-link").inner_text().strip()
+    assert link.startswith(live_stack.url + "/dashboard/invite/")
+    page.click("#copy-invitation")
+    expect(page.locator("#copied-invitation")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == link
+    shot(page, "members-invitation-created")
+    check_accessible(page, "Members (owner, invitation link shown)")
+    check_narrow(page, "Members (owner, invitation link shown)")
+
+    invitee_context = browser_context.browser.new_context(
+        base_url=live_stack.url, viewport={"width": 1280, "height": 900}
+    )
+    try:
+        invitee = invitee_context.new_page()
+        invitee.goto(link)
+        expect(invitee.locator("h1")).to_have_text("Join Team A")
+        expect(invitee.locator("#join")).to_have_count(0)  # nobody signed in there
+        shot(invitee, "invitation-page")
+        check_accessible(invitee, "Invitation page")
+        check_narrow(invitee, "Invitation page")
+        invitee.fill("#signup input[name=username]", "invited-one")
+        invitee.fill("#signup input[name=password1]", "short")
+        invitee.fill("#signup input[name=password2]", "short")
+        invitee.click("#signup button[type=submit]")
+        expect(invitee.locator("#signup")).to_contain_text("too short")  # Django's password validators
+        invitee.fill("#signup input[name=password1]", "a-long-pass-phrase")
+        invitee.fill("#signup input[name=password2]", "a-long-pass-phrase")
+        invitee.click("#signup button[type=submit]")
+        expect(invitee.locator("header")).to_contain_text("invited-one")
+        assert invitee.url == live_stack.url + "/dashboard/"
+        expect(invitee.locator("h1")).to_have_text("Team A")
+        expect(invitee.locator("#messages")).to_contain_text("you are admin")
+        shot(invitee, "invitation-accepted-dashboard")
+        role = from_db(lambda: Membership.objects.get(user__username="invited-one").role)
+        assert role == "admin"
+        # the link is used now: opened again, it says so
+        invitee.goto(link)
+        expect(invitee.locator("#invitation-gone")).to_contain_text("used already")
+        shot(invitee, "invitation-used")
+    finally:
+        invitee_context.close()
+
+    page.goto("/dashboard/members/")
+    expect(page.locator("#members")).to_contain_text("invited-one")
+    expect(page.locator("#activity tbody tr").first).to_contain_text("invited-one")
+    expect(page.locator("#activity tbody tr").first).to_contain_text("accepted an invitation")
+    shot(page, "members-page")
+    check_accessible(page, "Members (owner)")
+    check_narrow(page, "Members (owner)")
