@@ -332,7 +332,8 @@ def remove_member(*, membership: Membership, actor) -> None:
 def _lock_with_owners(membership: Membership) -> Membership:
     """Lock the tenant's owner memberships and this one, so two owners demoting each other at once
     cannot leave the tenant with none."""
-    list(Membership.objects.select_for_update().filter(tenant_id=membership.tenant_id, role=Membership.Role.OWNER))
+    owners = Membership.objects.filter(tenant_id=membership.tenant_id, role=Membership.Role.OWNER)
+    list(owners.select_for_update().order_by("pk"))  # always in one order: no deadlock between two
     return Membership.objects.select_for_update().select_related("user", "tenant").get(pk=membership.pk)
 
 

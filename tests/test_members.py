@@ -3,9 +3,13 @@ with Django's test client against the real database. Every endpoint for an owner
 and an outsider (404, or the sign-in page when signed out)."""
 
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
+from django.db import connections, transaction
 from django.test import Client
 from django.utils import timezone
 from playwright.sync_api import expect
@@ -237,10 +241,43 @@ def test_every_change_is_recorded_and_shown(team):
     activity = page.split('id="activity"')[1]
     shown = re.findall(r'<tr data-action="([^"]+)">\s*<td>([^<]+)</td>', activity)
     assert shown == [(e.action, e.actor_name) for e in reversed(events)]
-    assert all(
-        f'datetime="{e.created_at.isoformat()}' in activity or e.created_at.isoformat()[:19] in activity for e in events
-    )
+    assert re.findall(r'<time datetime="([^"]+)"', activity) == [e.created_at.isoformat() for e in reversed(events)]
     assert "revoked a key: key audited-2" in activity
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_owners_demoting_each_other_at_once_leave_one_owner(team):
+    """The last-owner rule holds under concurrency: while one demotion's transaction is open (the
+    other owner demoted, not yet committed), a second demotion waits for it and is then refused."""
+    services.change_role(membership=_membership(team, "admin"), role="owner", actor=team["owner"])
+    inside = threading.Event()
+
+    def first():
+        try:
+            with transaction.atomic():
+                services.change_role(membership=_membership(team, "admin"), role="member", actor=team["owner"])
+                inside.set()
+                time.sleep(1)  # the second demotion starts meanwhile
+            return "changed"
+        finally:
+            connections.close_all()
+
+    def second():
+        try:
+            assert inside.wait(timeout=30)
+            services.change_role(membership=_membership(team, "owner"), role="member", actor=team["admin"])
+            return "changed"
+        except services.MemberChangeRefused as refused:
+            return refused.code
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = [pool.submit(first), pool.submit(second)]
+        assert [outcome.result() for outcome in outcomes] == ["changed", "last_owner"]
+    assert list(
+        Membership.objects.filter(tenant=team["tenant"], role="owner").values_list("user__username", flat=True)
+    ) == ["owner"]
 
 
 @pytest.mark.django_db(transaction=True)
