@@ -1,9 +1,11 @@
 """Business rules for tenants, memberships and API keys."""
 
+import json
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
@@ -164,7 +166,7 @@ def record(*, tenant: Tenant, actor, action: str, target: str, details: dict | N
         actor_name=user.get_username() if user is not None else "",
         action=action,
         target=target[:200],
-        details=details or {},
+        details=json.loads(json.dumps(details or {}, cls=DjangoJSONEncoder)),  # dates as ISO 8601 text
     )
 
 

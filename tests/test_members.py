@@ -245,6 +245,27 @@ def test_every_change_is_recorded_and_shown(team):
     assert "revoked a key: key audited-2" in activity
 
 
+def test_an_operators_key_edit_and_revocation_in_the_admin_are_recorded(team):
+    from django.contrib.auth import get_user_model
+
+    key, _ = services.create_api_key(team["tenant"], "ops", created_by=team["owner"])
+    operator = get_user_model().objects.create_superuser("operator", password=PASSWORD)
+    admin = _client(operator)
+    url = f"/admin/accounts/apikey/{key.pk}/change/"
+    form = {"name": "ops-renamed", "expires_at_0": "2030-01-02", "expires_at_1": "03:04:05", "requests_per_minute": "7"}
+    assert admin.post(url, form).status_code == 302
+    revoke = admin.post("/admin/accounts/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
+    assert revoke.status_code == 302
+    edited, revoked = AuditEvent.objects.filter(tenant=team["tenant"], actor=operator).order_by("id")
+    assert edited.action == "key.edited" and revoked.action == "key.revoked"
+    assert edited.details == {
+        "name": ["ops", "ops-renamed"],
+        "expires_at": [None, "2030-01-02T03:04:05Z"],
+        "requests_per_minute": [None, 7],
+    }
+    assert "operator" in _client(team["member"]).get("/dashboard/members/").content.decode().split('id="activity"')[1]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_owners_demoting_each_other_at_once_leave_one_owner(team):
     """The last-owner rule holds under concurrency: while one demotion's transaction is open (the
