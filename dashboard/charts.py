@@ -36,3 +36,18 @@ def bar_chart(
         + "".join(bars)
         + "</svg>"
     )
+
+
+def sparkline(
+    values: list[float], *, title: str, width: int = 120, height: int = 24, color: str = "#417690"
+) -> SafeString:
+    """A tiny line of ``values`` (left to right, e.g. requests per day) with no axes, for a table
+    cell; ``title`` says what it shows (its accessible name and hover text)."""
+    top = max(values, default=0) or 1
+    step = width / max(len(values) - 1, 1)
+    points = " ".join(f"{i * step:.1f},{height - 1 - (v / top) * (height - 2):.1f}" for i, v in enumerate(values))
+    return mark_safe(
+        f'<svg class="sparkline" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" data-points="{len(values)}"><title>{escape(title)}</title>'
+        f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{points}"/></svg>'
+    )

@@ -236,3 +236,21 @@ def top_keys(since, limit=10, tenant_id=None) -> list[dict]:
         .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
         .order_by("-requests")[:limit]
     )
+
+
+def usage_per_key_and_day(tenant_id, since) -> dict:
+    """A tenant's daily rollups from ``since`` (a date) on, per key: ``{api_key_id: {date:
+    {"requests", "tokens"}}}`` (days without usage left out). One query, whatever the number of keys."""
+    from django.db.models import F, Sum
+
+    from inference.models import UsageDaily
+
+    rows = (
+        UsageDaily.objects.filter(tenant_id=tenant_id, date__gte=since, api_key__isnull=False)
+        .values("api_key_id", "date")
+        .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
+    )
+    per_key: dict = {}
+    for row in rows:
+        per_key.setdefault(row["api_key_id"], {})[row["date"]] = {"requests": row["requests"], "tokens": row["tokens"]}
+    return per_key
