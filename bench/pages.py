@@ -108,16 +108,16 @@ def finish_load() -> None:
         )
         cursor.execute(
             f"""
-            INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, requests, succeeded, failed, rejected,
-                prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
-            SELECT day, tenant_id, api_key_id, count(*), count(*) FILTER (WHERE status = 'succeeded'),
+            INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, model, endpoint, requests, succeeded,
+                failed, rejected, prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
+            SELECT day, tenant_id, api_key_id, model, endpoint, count(*), count(*) FILTER (WHERE status = 'succeeded'),
                 count(*) FILTER (WHERE status = 'failed'), 0, sum(prompt_tokens), sum(completion_tokens),
                 coalesce(sum(ms) FILTER (WHERE status = 'succeeded'), 0), jsonb_build_array({buckets})
-            FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, status,
-                         prompt_tokens, completion_tokens,
+            FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, model, endpoint,
+                         status, prompt_tokens, completion_tokens,
                          (extract(epoch FROM finished_at - created_at) * 1000)::bigint AS ms
                   FROM inference_query) q
-            GROUP BY day, tenant_id, api_key_id
+            GROUP BY day, tenant_id, api_key_id, model, endpoint
             """
         )
         for statement in import_module("inference.migrations.0005_query_prompt_trigram").FORWARD:
