@@ -278,6 +278,8 @@ def main():
                 time.sleep(0.2)
         pages = [
             ("owner", "/dashboard/"),
+            ("owner", "/dashboard/?range=90&by=model"),
+            ("owner", "/dashboard/?range=90&by=endpoint"),
             ("owner", "/dashboard/keys/"),
             ("owner", f"/dashboard/keys/{key.pk}/"),
             ("owner", "/dashboard/queries/"),
@@ -290,6 +292,8 @@ def main():
             ("admin", "/admin/"),
             ("admin", "/admin/usage/"),
             ("admin", "/admin/usage/?days=90"),
+            ("admin", "/admin/usage/?range=90&by=key"),
+            ("admin", "/admin/usage/?range=90&by=endpoint"),
             ("admin", "/admin/inference/query/"),
             ("admin", "/admin/inference/query/?p=50"),
             ("admin", f"/admin/inference/query/?tenant__id__exact={acme.pk}"),

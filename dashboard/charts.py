@@ -41,6 +41,8 @@ def percent(value: float | None) -> str:
     """A ratio (0..1) as a percentage."""
     if value is None:
         return "–"
+    if 0 < value < 0.0005:
+        return "<0.1%"  # not "0.0%": some is used
     return f"{value * 100:,.1f}%"
 
 
@@ -139,7 +141,8 @@ def _svg(title: str, summary: str, width: int, height: int, parts: list[str], ki
         f'<svg class="chart chart-{kind}" role="img" aria-label="{escape(summary)}" '
         f'viewBox="0 0 {width} {height}" width="100%" preserveAspectRatio="xMidYMid meet" '
         f'style="display:block;max-width:100%;height:auto" data-points="{count}">'
-        f"<title>{escape(summary)}</title>" + "".join(parts) + "</svg>"
+        f"<title>{escape(summary)}</title>"
+        "<style>.bar:hover,.point:hover{opacity:.7;stroke:#111;stroke-width:1.5}</style>" + "".join(parts) + "</svg>"
     )
 
 

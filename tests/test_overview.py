@@ -5,7 +5,7 @@ the charts' SVG, who may see what, and the pages in a real Chromium (hover a bar
 breakdown, axe-core, 390 px)."""
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from django.http import QueryDict
@@ -356,10 +356,14 @@ def test_the_overview_in_a_browser(browser_world, live_stack, browser_context): 
     from playwright.sync_api import expect
 
     from tests.a11y import check_accessible, check_narrow
-    from tests.test_browser import PASSWORD, from_db, shot, sign_in
+    from tests.test_browser import PASSWORD, SCREENSHOTS, from_db, shot, sign_in
 
     tenant = browser_world["tenant"]
-    page = browser_context.new_page()
+    # A viewer in India (UTC+5:30): the page's timestamps are shown in their time zone.
+    viewer = browser_context.browser.new_context(
+        base_url=live_stack.url, viewport={"width": 1280, "height": 900}, timezone_id="Asia/Kolkata", locale="en-US"
+    )
+    page = viewer.new_page()
     sign_in(page, "chart-owner")
     page.goto("/dashboard/?range=7&by=endpoint")
     expect(page.locator("#usage-title")).to_have_text("Usage, last 7 days, by endpoint")
@@ -379,6 +383,8 @@ def test_the_overview_in_a_browser(browser_world, live_stack, browser_context): 
         return sum(r.requests for r in rows if r.endpoint == endpoint), sum(r.requests for r in rows)
 
     assert (value, total) == from_db(stored)
+    segment.hover()
+    chart.screenshot(path=str(SCREENSHOTS / "overview-chart-hover.png"))  # the hovered segment, outlined
     # The tokens chart's bar of the same day, in the hovered-element's accessible tooltip too.
     tokens_bar = page.locator("#charts svg.chart-bars").nth(1).locator(f'rect.bar[data-date="{TODAY.isoformat()}"]')
     tokens_bar.first.hover()
@@ -396,7 +402,11 @@ def test_the_overview_in_a_browser(browser_world, live_stack, browser_context): 
     )
     expect(page.locator("#key-quotas")).to_contain_text(f"{month_tokens:,} of {tenant.tokens_per_month:,}")
     # Timestamps in the viewer's time zone (the script replaced the server's UTC text).
-    expect(page.locator("#today time")).not_to_contain_text("UTC")
+    stamp = page.locator("#today time")
+    expect(stamp).to_contain_text("GMT+5:30")
+    when = datetime.fromisoformat(stamp.get_attribute("datetime")).astimezone(timezone(timedelta(hours=5, minutes=30)))
+    expect(stamp).to_contain_text(f"{when:%b} {when.day}, {when.year}, {when.hour % 12 or 12}:{when:%M}")
+    assert stamp.get_attribute("title").endswith("UTC")  # the server's UTC text, kept as the title
     shot(page, "overview-charts")
 
     # Switch the range and the breakdown with the form.
@@ -437,3 +447,4 @@ def test_the_overview_in_a_browser(browser_world, live_stack, browser_context): 
     check_accessible(admin_page, "admin usage")
     check_narrow(admin_page, "admin usage")
     shot(admin_page, "admin-usage-charts")
+    viewer.close()
