@@ -96,7 +96,7 @@ def test_every_page_shows_what_it_promises_to_a_member(world):
     assert "<h1>Tenant A</h1>" in overview and "This month" in overview
     tenant = world["a"]["tenant"]
     assert (tenant.requests_per_day, tenant.tokens_per_month) == (10_000, 2_000_000)  # the defaults
-    assert "1 of 10,000 (<0.1%)" in overview and "15 of 2,000,000 (<0.1%)" in overview  # formatted, with a bar
+    assert "1 of 10,000 (&lt;0.1%)" in overview and "15 of 2,000,000 (&lt;0.1%)" in overview  # formatted, with a bar
     assert overview.count('role="progressbar"') == 2  # requests today and tokens this month of key-a
     assert f"{tenant.requests_per_minute:,} requests per minute" in overview
     assert "Today: 1 request (0 failed, 0 refused by quotas), 15 tokens." in overview
