@@ -110,16 +110,16 @@ def finish_load() -> None:
         )
         cursor.execute(
             f"""
-            INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, requests, succeeded, failed, rejected,
-                prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
-            SELECT day, tenant_id, api_key_id, count(*), count(*) FILTER (WHERE status = 'succeeded'),
+            INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, model, endpoint, requests, succeeded,
+                failed, rejected, prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
+            SELECT day, tenant_id, api_key_id, model, endpoint, count(*), count(*) FILTER (WHERE status = 'succeeded'),
                 count(*) FILTER (WHERE status = 'failed'), 0, sum(prompt_tokens), sum(completion_tokens),
                 coalesce(sum(ms) FILTER (WHERE status = 'succeeded'), 0), jsonb_build_array({buckets})
-            FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, status,
-                         prompt_tokens, completion_tokens,
+            FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, model, endpoint,
+                         status, prompt_tokens, completion_tokens,
                          (extract(epoch FROM finished_at - created_at) * 1000)::bigint AS ms
                   FROM inference_query) q
-            GROUP BY day, tenant_id, api_key_id
+            GROUP BY day, tenant_id, api_key_id, model, endpoint
             """
         )
         for statement in import_module("inference.migrations.0005_query_prompt_trigram").FORWARD:
@@ -283,6 +283,8 @@ def main():
                 time.sleep(0.2)
         pages = [
             ("owner", "/dashboard/"),
+            ("owner", "/dashboard/?range=90&by=model"),
+            ("owner", "/dashboard/?range=90&by=endpoint"),
             ("owner", "/dashboard/keys/"),
             ("owner", f"/dashboard/keys/{key.pk}/"),
             ("owner", f"/dashboard/keys/{key.pk}/revoke/"),
@@ -300,6 +302,8 @@ def main():
             ("admin", "/admin/"),
             ("admin", "/admin/usage/"),
             ("admin", "/admin/usage/?days=90"),
+            ("admin", "/admin/usage/?range=90&by=key"),
+            ("admin", "/admin/usage/?range=90&by=endpoint"),
             ("admin", "/admin/inference/query/"),
             ("admin", "/admin/inference/query/?p=50"),
             ("admin", f"/admin/inference/query/?tenant__id__exact={acme.pk}"),

@@ -290,6 +290,8 @@ class UsageDailyAdmin(admin.ModelAdmin):
         "date",
         "tenant",
         "api_key",
+        "model",
+        "endpoint",
         "requests",
         "succeeded",
         "failed",
@@ -297,7 +299,7 @@ class UsageDailyAdmin(admin.ModelAdmin):
         "prompt_tokens",
         "completion_tokens",
     ]
-    list_filter = ["tenant", "date"]
+    list_filter = ["tenant", "date", "endpoint"]
     date_hierarchy = "date"
     list_select_related = ["tenant", "api_key"]
 
