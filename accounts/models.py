@@ -1,7 +1,22 @@
 from django.conf import settings
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
+
+
+# A monthly budget in the currency of settings.CURRENCY (config/money.py: at most MAX_BUDGET, which
+# Redis's Lua counts exactly in nano-units); None: no budget.
+def budget_field():
+    from config.money import MAX_BUDGET
+
+    return models.DecimalField(
+        max_digits=16,
+        decimal_places=9,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0), MaxValueValidator(MAX_BUDGET)],
+        help_text="spend allowed per UTC month, in the platform's currency; blank: no budget",
+    )
 
 
 class PrivacyMode(models.TextChoices):
@@ -38,6 +53,7 @@ class Tenant(models.Model):
     requests_per_day = models.PositiveIntegerField(null=True, blank=True, default=10_000)
     tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True, default=2_000_000)
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True, default=4)
+    monthly_budget = budget_field()
     # The model names this tenant may use; empty means every model the platform serves.
     allowed_models = models.JSONField(default=list, blank=True)
 
@@ -112,6 +128,8 @@ class ApiKey(models.Model):
     requests_per_day = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True)
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True)
+    # Its own budget, within its tenant's (which every key of the tenant shares); None: the tenant's only.
+    monthly_budget = budget_field()
 
     class Meta:
         ordering = ["-created_at"]
