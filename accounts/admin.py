@@ -20,6 +20,7 @@ class TenantAdmin(admin.ModelAdmin):
         "requests_per_day",
         "tokens_per_month",
         "max_concurrent_requests",
+        "monthly_budget",
         "privacy_mode",
         "content_retention_days",
         "image_retention_days",
@@ -90,6 +91,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "requests_per_day",
         "tokens_per_month",
         "max_concurrent_requests",
+        "monthly_budget",
     ]
     actions = ["revoke", "delete_queries"]
 

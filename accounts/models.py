@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
@@ -16,6 +17,17 @@ def budget_field():
         blank=True,
         validators=[MinValueValidator(0), MaxValueValidator(MAX_BUDGET)],
         help_text="spend allowed per UTC month, in the platform's currency; blank: no budget",
+    )
+
+
+def budget_error(*, tenant_budget, key_budget) -> str | None:
+    """The one rule between the two budgets: a key's may not exceed its tenant's (which all its keys
+    share). The message says what to fix; None when they agree."""
+    if key_budget is None or tenant_budget is None or key_budget <= tenant_budget:
+        return None
+    return (
+        f"A key's monthly budget ({key_budget:f} {settings.CURRENCY}) may not exceed its tenant's "
+        f"({tenant_budget:f} {settings.CURRENCY}): lower this budget or raise the tenant's."
     )
 
 
@@ -89,6 +101,23 @@ class Tenant(models.Model):
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
 
+    def clean(self):
+        super().clean()
+        if self.pk is None or self.monthly_budget is None:
+            return
+        above = self.api_keys.filter(monthly_budget__gt=self.monthly_budget).order_by("-monthly_budget")
+        first = above.only("name", "monthly_budget").first()
+        if first is not None:
+            raise ValidationError(
+                {
+                    "monthly_budget": (
+                        f"{above.count()} of this tenant's keys have a higher monthly budget (the highest: "
+                        f"{first.name}, {first.monthly_budget:f} {settings.CURRENCY}); lower theirs first, "
+                        "or keep this budget at or above them."
+                    )
+                }
+            )
+
 
 class Membership(models.Model):
     class Role(models.TextChoices):
@@ -136,6 +165,13 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (sl_{self.prefix}_…)"
+
+    def clean(self):
+        super().clean()
+        if self.tenant_id is not None:
+            message = budget_error(tenant_budget=self.tenant.monthly_budget, key_budget=self.monthly_budget)
+            if message:
+                raise ValidationError({"monthly_budget": message})
 
     # DRF treats the authenticated key as the request's user.
     @property

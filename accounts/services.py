@@ -3,12 +3,13 @@
 from datetime import datetime, timedelta
 
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
 from accounts import keys
-from accounts.models import ApiKey, Membership, Tenant
+from accounts.models import ApiKey, Membership, Tenant, budget_error
 from config.errors import ApiError
 
 # last_used_at is refreshed at most this often, so a busy key does not write on every request.
@@ -34,7 +35,11 @@ def create_user(username: str, password: str | None = None, email: str = ""):
 def create_api_key(
     tenant: Tenant, name: str, *, created_by=None, expires_at: datetime | None = None, **quota_overrides
 ) -> tuple[ApiKey, str]:
-    """Create a key. Returns the row and the plaintext key, which is never stored and shown only now."""
+    """Create a key. Returns the row and the plaintext key, which is never stored and shown only now.
+    A ``monthly_budget`` above the tenant's is refused (ValidationError naming the field)."""
+    message = budget_error(tenant_budget=tenant.monthly_budget, key_budget=quota_overrides.get("monthly_budget"))
+    if message:
+        raise ValidationError({"monthly_budget": message})
     for _ in range(5):
         new = keys.generate()
         if not ApiKey.objects.filter(prefix=new.prefix).exists():

@@ -76,6 +76,17 @@ def from_nano(nano: int) -> Decimal:
         return (Decimal(int(nano)) / NANO).quantize(QUANTUM)
 
 
+def quantized(amount) -> Decimal:
+    """An amount (Decimal, or 0 for an empty sum) as a Decimal with the 9 decimals of the quantum."""
+    with localcontext(_CONTEXT):
+        return Decimal(amount or 0).quantize(QUANTUM)
+
+
+def text(amount: Decimal | None) -> str | None:
+    """An amount for JSON: a decimal string with 9 decimals (never a float); None stays None."""
+    return None if amount is None else format(quantized(amount), "f")
+
+
 def fraction(spent: Decimal, budget: Decimal | None) -> Decimal | None:
     """spent / budget (None without a budget; a zero budget is spent at once)."""
     if budget is None:

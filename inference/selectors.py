@@ -1,9 +1,11 @@
 """Queries that read the query log. Tenants only ever see their own rows."""
 
 import uuid
+from decimal import Decimal
 
 from django.db.models import Prefetch
 
+from config import money
 from inference import chat, imagestore
 from inference.models import Query, QueryImage
 
@@ -21,6 +23,7 @@ LIST_FIELDS = (
     "finish_reason",
     "prompt_tokens",
     "completion_tokens",
+    "cost",
     "error_code",
     "error_message",
     "created_at",
@@ -105,9 +108,11 @@ def usage_totals(tenant_id, since, api_key_id=None) -> dict:
         rejected=Sum("rejected"),
         prompt_tokens=Sum("prompt_tokens"),
         completion_tokens=Sum("completion_tokens"),
+        spend=Sum("spend"),
     )
     totals = {name: value or 0 for name, value in totals.items()}
     totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+    totals["spend"] = money.quantized(totals["spend"])
     return totals
 
 
@@ -157,7 +162,16 @@ def usage_by_tenant(since=None) -> list[dict]:
     summed latency histogram and its p50/p99, most requests first."""
     from inference.models import UsageDaily
 
-    summed = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "latency_ms_total")
+    summed = (
+        "requests",
+        "succeeded",
+        "failed",
+        "rejected",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms_total",
+        "spend",
+    )
     tenants: dict = {}
     rows = UsageDaily.objects.all() if since is None else UsageDaily.objects.filter(date__gte=since)
     rows = rows.select_related("tenant").only("tenant__name", "tenant__slug", "latency_histogram", *summed)
@@ -197,3 +211,33 @@ def top_keys(since, limit=10, tenant_id=None) -> list[dict]:
         .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
         .order_by("-requests")[:limit]
     )
+
+
+def budget_status(tenant, at=None) -> dict:
+    """What is left of the tenant's monthly budget and of each budgeted key's, from the rollups'
+    spend of this UTC month (settled queries; running ones are not in it yet): for the tenant and
+    per key, ``spent``, ``budget`` (None: none), ``left`` and ``fraction`` (spent / budget), and
+    ``level``: "over" at 100 % and more, "warn" from 80 %, else "" (the dashboard's banner)."""
+    from datetime import UTC, datetime
+
+    from django.conf import settings
+    from django.db.models import Sum
+
+    from inference.models import UsageDaily
+
+    at = at or datetime.now(UTC)
+    month_start = at.date().replace(day=1)
+    rows = UsageDaily.objects.filter(tenant_id=tenant.pk, date__gte=month_start, date__lte=at.date())
+    by_key = dict(rows.filter(api_key__isnull=False).values_list("api_key_id").annotate(s=Sum("spend")).order_by())
+    spent = money.quantized(rows.aggregate(s=Sum("spend"))["s"])
+
+    def status(spent, budget) -> dict:
+        fraction = money.fraction(spent, budget)
+        level = "" if fraction is None else "over" if fraction >= 1 else "warn" if fraction >= Decimal("0.8") else ""
+        left = None if budget is None else max(money.ZERO, money.quantized(budget) - spent)
+        return {"spent": spent, "budget": budget, "left": left, "fraction": fraction, "level": level}
+
+    keys = []
+    for api_key in tenant.api_keys.filter(monthly_budget__isnull=False).only("id", "name", "prefix", "monthly_budget"):
+        keys.append({"key": api_key, **status(money.quantized(by_key.get(api_key.pk)), api_key.monthly_budget)})
+    return {"currency": settings.CURRENCY, "month": month_start, **status(spent, tenant.monthly_budget), "keys": keys}
