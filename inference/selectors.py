@@ -241,3 +241,165 @@ def budget_status(tenant, at=None) -> dict:
     for api_key in tenant.api_keys.filter(monthly_budget__isnull=False).only("id", "name", "prefix", "monthly_budget"):
         keys.append({"key": api_key, **status(money.quantized(by_key.get(api_key.pk)), api_key.monthly_budget)})
     return {"currency": settings.CURRENCY, "month": month_start, **status(spent, tenant.monthly_budget), "keys": keys}
+
+
+# --- spend, for the operators' spend page (dashboard/views/admin.py) ------------------------------
+def _rollups_between(since, until):
+    from inference.models import UsageDaily
+
+    return UsageDaily.objects.filter(date__gte=since, date__lte=until)
+
+
+def spend_series(since, until, tenant_id=None) -> list[dict]:
+    """Spend per day from ``since`` to ``until`` (dates; days without spend included)."""
+    from datetime import timedelta
+
+    from django.db.models import Sum
+
+    rows = _rollups_between(since, until)
+    if tenant_id is not None:
+        rows = rows.filter(tenant_id=tenant_id)
+    by_day = dict(rows.values_list("date").annotate(s=Sum("spend")).order_by())
+    series, day = [], since
+    while day <= until:
+        series.append({"date": day, "spend": money.quantized(by_day.get(day))})
+        day += timedelta(days=1)
+    return series
+
+
+def spend_by_tenant(since, until, at=None) -> list[dict]:
+    """Per tenant: spend, requests and tokens from ``since`` to ``until``, this month's spend against
+    its budget; the tenants at 80 % of their budget or more first (most spent first), then by spend."""
+    from datetime import UTC, datetime
+
+    from django.db.models import Sum
+
+    from accounts.models import Tenant
+
+    at = at or datetime.now(UTC)
+    ranged = {
+        row["tenant_id"]: row
+        for row in _rollups_between(since, until)
+        .values("tenant_id")
+        .annotate(
+            spend=Sum("spend"), requests=Sum("requests"), prompt=Sum("prompt_tokens"), out=Sum("completion_tokens")
+        )
+        .order_by()
+    }
+    month = dict(
+        _rollups_between(at.date().replace(day=1), at.date())
+        .values_list("tenant_id")
+        .annotate(s=Sum("spend"))
+        .order_by()
+    )
+    tenants = {t.pk: t for t in Tenant.objects.filter(pk__in=[k for k in ranged if k is not None])}
+    tenants.update({t.pk: t for t in Tenant.objects.filter(monthly_budget__isnull=False)})
+    result = []
+    for tenant_id in set(tenants) | ({None} if None in ranged else set()):
+        row = ranged.get(tenant_id, {})
+        tenant = tenants.get(tenant_id)
+        budget = tenant.monthly_budget if tenant is not None else None
+        month_spend = money.quantized(month.get(tenant_id))
+        fraction = money.fraction(month_spend, budget)
+        result.append(
+            {
+                "tenant": tenant,
+                "spend": money.quantized(row.get("spend")),
+                "requests": row.get("requests") or 0,
+                "tokens": (row.get("prompt") or 0) + (row.get("out") or 0),
+                "month_spend": month_spend,
+                "budget": budget,
+                "fraction": fraction,
+                "percent": None if fraction is None else int(fraction * 100),
+                "alert": fraction is not None and fraction >= Decimal("0.8"),
+            }
+        )
+    return sorted(result, key=lambda e: (not e["alert"], -(e["fraction"] or 0) if e["alert"] else 0, -e["spend"]))
+
+
+def spend_by_key(since, until, limit=20) -> list[dict]:
+    from django.db.models import Sum
+
+    rows = _rollups_between(since, until).filter(api_key__isnull=False)
+    return [
+        {**row, "spend": money.quantized(row["spend"])}
+        for row in rows.values(
+            "api_key_id", "api_key__name", "api_key__prefix", "api_key__monthly_budget", "tenant__name"
+        )
+        .annotate(spend=Sum("spend"), requests=Sum("requests"))
+        .order_by("-spend", "api_key_id")[:limit]
+    ]
+
+
+def spend_by_model(since, until) -> list[dict]:
+    """Per model: spend and requests from ``since`` to ``until``. From the rollups when they carry the
+    model; until then from the settled queries' costs (an index range of the query log)."""
+    from datetime import UTC, datetime, time, timedelta
+
+    from django.db.models import Count, Sum
+
+    from inference.models import UsageDaily
+
+    if any(f.name == "model" for f in UsageDaily._meta.fields):
+        rows = _rollups_between(since, until).values("model").annotate(spend=Sum("spend"), requests=Sum("requests"))
+    else:
+        start = datetime.combine(since, time.min, tzinfo=UTC)
+        end = datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC)
+        rows = (
+            Query.objects.filter(created_at__gte=start, created_at__lt=end, settled_at__isnull=False)
+            .values("model")
+            .annotate(spend=Sum("cost"), requests=Count("id"))
+        )
+    return sorted(
+        ({**row, "spend": money.quantized(row["spend"])} for row in rows.order_by()),
+        key=lambda r: (-r["spend"], r["model"] or ""),
+    )
+
+
+def spend_by_month(first_month=None) -> list[dict]:
+    """Per tenant and UTC month (for invoicing): requests, tokens and spend from the rollups; tenants
+    deleted since are one anonymised row per month (tenant None)."""
+    from django.db.models import Sum
+    from django.db.models.functions import TruncMonth
+
+    from inference.models import UsageDaily
+
+    rows = UsageDaily.objects.all() if first_month is None else UsageDaily.objects.filter(date__gte=first_month)
+    return [
+        {**row, "spend": money.quantized(row["spend"])}
+        for row in rows.annotate(month=TruncMonth("date"))
+        .values("month", "tenant_id", "tenant__slug", "tenant__name", "tenant__monthly_budget")
+        .annotate(
+            requests=Sum("requests"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+            spend=Sum("spend"),
+        )
+        .order_by("month", "tenant__slug", "tenant_id")
+    ]
+
+
+def price_history() -> list[dict]:
+    """Every model's prices, newest first, each marked scheduled, in effect or superseded; the served
+    models without a price are listed with none ("no price set": they cost nothing)."""
+    from django.utils import timezone
+
+    from config import models_registry
+    from inference.models import ModelPrice
+
+    now = timezone.now()
+    by_model: dict[str, list] = {name: [] for name in models_registry.names()}
+    for row in ModelPrice.objects.select_related("created_by").order_by("model", "-effective_from"):
+        by_model.setdefault(row.model, []).append(row)
+    history = []
+    for model, rows in sorted(by_model.items()):
+        current = next((row for row in rows if row.effective_from <= now), None)
+        entries = [
+            {
+                "row": row,
+                "state": "scheduled" if row.effective_from > now else "in effect" if row is current else "superseded",
+            }
+            for row in rows
+        ]
+        history.append({"model": model, "prices": entries, "current": current})
+    return history
