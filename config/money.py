@@ -87,6 +87,12 @@ def text(amount: Decimal | None) -> str | None:
     return None if amount is None else format(quantized(amount), "f")
 
 
+def plain(amount: Decimal) -> str:
+    """An amount without trailing zeros and never in exponent form: 0.3, 100, 0.000001."""
+    text = format(Decimal(amount).normalize(), "f")
+    return text
+
+
 def fraction(spent: Decimal, budget: Decimal | None) -> Decimal | None:
     """spent / budget (None without a budget; a zero budget is spent at once)."""
     if budget is None:

@@ -34,8 +34,12 @@ def worst_case(model: str, at: datetime, *, prompt_tokens: int, completion_token
 
 
 def query_cost(query: Query, *, images: int | None = None) -> Decimal:
-    """What a finished query costs: its tokens and its images at its model's price of its creation."""
-    if images is None:
+    """What a finished query costs: its tokens and its images at its model's price of its creation.
+    Its images count only when the model read them (the worker wrote its prompt tokens): a query
+    that failed or was cancelled before it ran costs nothing."""
+    if query.prompt_tokens is None:
+        images = 0
+    elif images is None:
         images = query.images.count()
     return money.cost(
         price_at(query.model, query.created_at),

@@ -398,6 +398,11 @@ def price_history() -> list[dict]:
             {
                 "row": row,
                 "state": "scheduled" if row.effective_from > now else "in effect" if row is current else "superseded",
+                "shown": [
+                    money.plain(row.input_per_million),
+                    money.plain(row.output_per_million),
+                    money.plain(row.per_image),
+                ],
             }
             for row in rows
         ]
