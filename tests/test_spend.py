@@ -735,6 +735,8 @@ def test_the_spend_page_and_the_banner_in_a_browser(live_stack):
             dash.fill("input[name=username]", "banner-owner")
             dash.fill("input[name=password]", "pw-123456789")
             dash.click("button[type=submit]")
+            expect(dash.locator("header")).to_contain_text("banner-owner")
+            dash.goto("/dashboard/keys/")
             expect(dash.locator("#budget-banner")).to_contain_text("80% of this month's budget is spent")
             dash.screenshot(path=str(SCREENSHOTS / "dashboard-budget-banner.png"), full_page=True)
             check_accessible(dash, "dashboard budget banner")
