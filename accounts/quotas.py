@@ -206,7 +206,9 @@ if verdict == 'ok' then
   running = running + 1
   if not oldest then oldest = tostring(now) end
 end
-return {verdict, in_window, oldest or '', today, tokens, running, tostring(spend), tostring(tenant_spend)}
+-- nano-units as whole-number strings: tostring() would write a large one as 1.2345678901234e+14
+return {verdict, in_window, oldest or '', today, tokens, running, string.format('%.0f', spend),
+        string.format('%.0f', tenant_spend)}
 """
 
 # The row is being committed: its admission is vouched for now, and its slot lasts the query.
@@ -239,8 +241,8 @@ local refund = tonumber(parts[2]) - tonumber(ARGV[3])
 local month = ARGV[4] .. string.sub(held, 1, 7)
 if refund > 0 and redis.call('EXISTS', month) == 1 then redis.call('DECRBY', month, refund) end
 if parts[3] and parts[3] ~= '' then
-  local back = tonumber(parts[3]) - tonumber(ARGV[6])
-  if back ~= 0 then
+  local back = string.format('%.0f', tonumber(parts[3]) - tonumber(ARGV[6]))
+  if back ~= '0' and back ~= '-0' then
     local spend = ARGV[7] .. string.sub(held, 1, 7)
     if redis.call('EXISTS', spend) == 1 then redis.call('DECRBY', spend, back) end
     if parts[4] and parts[4] ~= '' then

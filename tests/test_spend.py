@@ -349,6 +349,32 @@ def test_200_concurrent_admissions_against_a_budget_for_50_admit_exactly_50(coun
     assert again.value.code == "budget_exceeded"
 
 
+def test_large_amounts_stay_exact_to_the_nano_unit(counters):
+    """Amounts in the millions (10^15 nano-units and more) are counted exactly, up to the budget cap."""
+    price = pricing.price_of(_price("0", "0", "1234567.123456789"))
+    tenant = _tenant(monthly_budget=money.MAX_BUDGET)
+    api_key, _ = accounts.create_api_key(tenant, "big")
+    api_key = ApiKey.objects.select_related("tenant").get(pk=api_key.pk)
+    request = {"prompt": "x", "max_tokens": 1, "images": 1, "price": price}
+    first = quotas.admit(api_key, **request)
+    assert first.reserved_cost == D("1234567.123456789")
+    quotas.admit(api_key, **request)
+    _, snap = quotas.snapshot(api_key)
+    assert snap.spend_this_month == snap.tenant_spend_this_month == 2_469_134_246_913_578
+    assert quotas.settle(api_key.pk, first.id, used=1, cost=D("1234567.123456788"))  # one nano-unit refunded
+    _, snap = quotas.snapshot(api_key)
+    assert snap.spend_this_month == snap.tenant_spend_this_month == 2_469_134_246_913_577
+    admitted = 2
+    while True:
+        try:
+            quotas.admit(api_key, **request)
+        except Exception as exc:  # noqa: BLE001 - the refusal ends the loop
+            assert exc.code == "budget_exceeded"
+            break
+        admitted += 1
+    assert admitted == 7  # floor(9,000,000 / 1,234,567.123456789), one nano-unit to spare does not make an 8th
+
+
 def test_a_tenant_budget_is_shared_by_its_keys(counters):
     price = pricing.price_of(_price("0", "0", "0.01"))
     tenant = _tenant(monthly_budget=D("0.05"))  # five one-image requests, whichever keys make them
@@ -595,7 +621,7 @@ def test_dashboard_banner_at_80_and_100_percent():
     today = timezone.now().date()
     row = UsageDaily.objects.create(date=today, tenant=tenant, api_key=key, spend=D("7.99"))
     for page in ("/dashboard/", "/dashboard/keys/", "/dashboard/queries/", "/dashboard/data/"):
-        assert b"budget-banner" not in client.get(page).content, page
+        assert b'id="budget-banner"' not in client.get(page).content, page
     row.spend = D("8")
     row.save()
     for page in (
@@ -614,7 +640,7 @@ def test_dashboard_banner_at_80_and_100_percent():
     # last month's spend is not this month's
     row.date = today.replace(day=1) - timedelta(days=1)
     row.save()
-    assert b"budget-banner" not in client.get("/dashboard/").content
+    assert b'id="budget-banner"' not in client.get("/dashboard/").content
     # a key's budget at 80% shows too
     key.monthly_budget = D("1")
     key.save()
