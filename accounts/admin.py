@@ -24,6 +24,7 @@ class TenantAdmin(admin.ModelAdmin):
         "requests_per_day",
         "tokens_per_month",
         "max_concurrent_requests",
+        "monthly_budget",
         "privacy_mode",
         "content_retention_days",
         "image_retention_days",
@@ -99,6 +100,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "requests_per_day",
         "tokens_per_month",
         "max_concurrent_requests",
+        "monthly_budget",
     ]
     actions = ["revoke", "delete_queries"]
 

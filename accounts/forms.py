@@ -1,4 +1,5 @@
 from django import forms
+from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 
 from accounts.models import ApiKey, Membership, Tenant
@@ -11,14 +12,21 @@ class KeyForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ["name", *QUOTA_FIELDS]
+        fields = ["name", *QUOTA_FIELDS, "monthly_budget"]
+        labels = {"monthly_budget": f"Monthly budget ({settings.CURRENCY})"}
 
     def __init__(self, *args, tenant, **kwargs):
         super().__init__(*args, **kwargs)
         self.tenant = tenant
+        # The model's clean() checks the budget against the tenant's (accounts.models.budget_error).
+        self.instance.tenant = tenant
         for name in QUOTA_FIELDS:
             limit = getattr(tenant, name)
             self.fields[name].help_text = f"tenant limit: {'unlimited' if limit is None else limit}"
+        budget = tenant.monthly_budget
+        self.fields[
+            "monthly_budget"
+        ].help_text = f"blank: the tenant's only; tenant budget: {'none' if budget is None else f'{budget:f}'}"
 
     def clean(self):
         from accounts.dashboard import check_overrides

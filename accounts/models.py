@@ -1,7 +1,34 @@
 from django.conf import settings
-from django.core.validators import MinValueValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
+
+
+# A monthly budget in the currency of settings.CURRENCY (config/money.py: at most MAX_BUDGET, which
+# Redis's Lua counts exactly in nano-units); None: no budget.
+def budget_field():
+    from config.money import MAX_BUDGET
+
+    return models.DecimalField(
+        max_digits=16,
+        decimal_places=9,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0), MaxValueValidator(MAX_BUDGET)],
+        help_text="spend allowed per UTC month, in the platform's currency; blank: no budget",
+    )
+
+
+def budget_error(*, tenant_budget, key_budget) -> str | None:
+    """The one rule between the two budgets: a key's may not exceed its tenant's (which all its keys
+    share). The message says what to fix; None when they agree."""
+    if key_budget is None or tenant_budget is None or key_budget <= tenant_budget:
+        return None
+    return (
+        f"A key's monthly budget ({key_budget:f} {settings.CURRENCY}) may not exceed its tenant's "
+        f"({tenant_budget:f} {settings.CURRENCY}): lower this budget or raise the tenant's."
+    )
 
 
 class PrivacyMode(models.TextChoices):
@@ -38,6 +65,7 @@ class Tenant(models.Model):
     requests_per_day = models.PositiveIntegerField(null=True, blank=True, default=10_000)
     tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True, default=2_000_000)
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True, default=4)
+    monthly_budget = budget_field()
     # The model names this tenant may use; empty means every model the platform serves.
     allowed_models = models.JSONField(default=list, blank=True)
 
@@ -72,6 +100,23 @@ class Tenant(models.Model):
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
+
+    def clean(self):
+        super().clean()
+        if self.pk is None or self.monthly_budget is None:
+            return
+        above = self.api_keys.filter(monthly_budget__gt=self.monthly_budget).order_by("-monthly_budget")
+        first = above.only("name", "monthly_budget").first()
+        if first is not None:
+            raise ValidationError(
+                {
+                    "monthly_budget": (
+                        f"{above.count()} of this tenant's keys have a higher monthly budget (the highest: "
+                        f"{first.name}, {first.monthly_budget:f} {settings.CURRENCY}); lower theirs first, "
+                        "or keep this budget at or above them."
+                    )
+                }
+            )
 
 
 class Membership(models.Model):
@@ -112,12 +157,21 @@ class ApiKey(models.Model):
     requests_per_day = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True)
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True)
+    # Its own budget, within its tenant's (which every key of the tenant shares); None: the tenant's only.
+    monthly_budget = budget_field()
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"{self.name} (sl_{self.prefix}_…)"
+
+    def clean(self):
+        super().clean()
+        if self.tenant_id is not None:
+            message = budget_error(tenant_budget=self.tenant.monthly_budget, key_budget=self.monthly_budget)
+            if message:
+                raise ValidationError({"monthly_budget": message})
 
     # DRF treats the authenticated key as the request's user.
     @property

@@ -5,13 +5,14 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
 from accounts import keys
-from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Tenant
+from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, budget_error
 from config.errors import ApiError
 
 # last_used_at is refreshed at most this often, so a busy key does not write on every request.
@@ -37,7 +38,11 @@ def create_user(username: str, password: str | None = None, email: str = ""):
 def create_api_key(
     tenant: Tenant, name: str, *, created_by=None, expires_at: datetime | None = None, **quota_overrides
 ) -> tuple[ApiKey, str]:
-    """Create a key. Returns the row and the plaintext key, which is never stored and shown only now."""
+    """Create a key. Returns the row and the plaintext key, which is never stored and shown only now.
+    A ``monthly_budget`` above the tenant's is refused (ValidationError naming the field)."""
+    message = budget_error(tenant_budget=tenant.monthly_budget, key_budget=quota_overrides.get("monthly_budget"))
+    if message:
+        raise ValidationError({"monthly_budget": message})
     for _ in range(5):
         new = keys.generate()
         if not ApiKey.objects.filter(prefix=new.prefix).exists():

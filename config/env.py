@@ -61,6 +61,17 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return word
 
 
+def env_currency(name: str, default: str = "USD") -> str:
+    """An ISO 4217 currency code (three letters, e.g. USD, EUR); anything else fails at start."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    code = value.strip().upper()
+    if not re.fullmatch(r"[A-Z]{3}", code):
+        raise _bad(name, value, "want a three-letter ISO 4217 currency code such as USD or EUR")
+    return code
+
+
 def env_days(name: str) -> int | None:
     """A number of days (1 or more), or None (forever) when unset, empty or "forever"."""
     value = os.environ.get(name)

@@ -21,6 +21,7 @@ from django.core.exceptions import ImproperlyConfigured
 from config.env import (
     env_bool,
     env_choice,
+    env_currency,
     env_days,
     env_float,
     env_int,
@@ -295,6 +296,8 @@ MAX_PROMPT_TOKENS = env_int("MAX_PROMPT_TOKENS", 8192)
 # Images one request (one conversation) may carry; 0 is fine: the model answers text-only questions.
 MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 8)
 MAX_NEW_TOKENS = env_int("MAX_NEW_TOKENS", 1024)
+# The currency of every price, cost, spend and budget (config/money.py; README: Prices, spend and budgets).
+CURRENCY = env_currency("CURRENCY", "USD")
 
 # Several models at once (config/models_registry.py): JSON, public name -> {"model", "queue"?,
 # "backend"?, "engine_url"?, "engine_api_key"?, "engine_model"?, "max_images"?, "max_new_tokens"?}.

@@ -17,6 +17,8 @@ urlpatterns = [
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi"), name="docs"),
     path("metrics", inference_views.metrics, name="metrics"),
     path("admin/usage/", admin_views.admin_usage, name="admin-usage"),
+    path("admin/spend/", admin_views.admin_spend, name="admin-spend"),
+    path("admin/spend/spend.csv", admin_views.admin_spend_csv, name="admin-spend-csv"),
     # The query's first image (the URL of one-image days), and each by its position.
     path("admin/queries/<uuid:query_id>/image.png", admin_views.admin_query_image, name="admin-query-image"),
     path(

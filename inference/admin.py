@@ -1,19 +1,21 @@
 import csv
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from django.contrib import admin
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
 from django.core.paginator import Paginator
 from django.db import models
 from django.db.models import Max, Min
-from django.http import StreamingHttpResponse
+from django.http import HttpResponseRedirect, StreamingHttpResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
-from inference import chat, privacy, selectors
-from inference.models import Query, UsageDaily
+from inference import chat, pricing, privacy, selectors
+from inference.models import ModelPrice, Query, UsageDaily
 from inference.services import served_models
 
 # The query log may hold millions of rows. Nothing on its admin list may scan them all: counts stop
@@ -49,6 +51,7 @@ COLUMNS = [
     "status",
     "prompt_tokens",
     "completion_tokens",
+    "cost",
 ]
 # image_sha256: the SHA-256 of each image, in order, separated by spaces ("" for a text-only query).
 # privacy_mode and not_kept say what is not kept (the prompt is then empty): privacy mode, retention.
@@ -269,6 +272,7 @@ def export_csv(queryset) -> StreamingHttpResponse:
                 q.status,
                 q.prompt_tokens,
                 q.completion_tokens,
+                q.cost,
                 q.total_seconds,
                 q.error_code,
                 len(images),
@@ -298,6 +302,7 @@ class UsageDailyAdmin(admin.ModelAdmin):
         "rejected",
         "prompt_tokens",
         "completion_tokens",
+        "spend",
     ]
     list_filter = ["tenant", "date", "endpoint"]
     date_hierarchy = "date"
@@ -308,3 +313,125 @@ class UsageDailyAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+class ModelPriceForm(forms.ModelForm):
+    class Meta:
+        model = ModelPrice
+        fields = ["model", "input_per_million", "output_per_million", "per_image", "effective_from"]
+
+    def clean_effective_from(self):
+        # A price applies from now on, never to queries already taken: history is never rewritten.
+        # (A minute's grace for the time the form took to fill in: it then applies from its saving.)
+        value = self.cleaned_data["effective_from"]
+        if value is not None and value < timezone.now() - timedelta(minutes=1):
+            raise forms.ValidationError(
+                "A price may not start in the past: queries already taken keep the price they were "
+                "taken under. Choose now or a later date."
+            )
+        return value
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    """Prices per model, with their history. Staff add a row that applies from its effective date on
+    (now by default, or later); a row already in effect is never edited or deleted (the queries
+    priced by it keep their cost). A model without any row costs nothing ("no price set")."""
+
+    form = ModelPriceForm
+    list_display = [
+        "model",
+        "input_per_million",
+        "output_per_million",
+        "per_image",
+        "currency",
+        "effective_from",
+        "state",
+        "created_by",
+        "created_at",
+    ]
+    list_filter = ["model"]
+    ordering = ["model", "-effective_from"]
+    readonly_fields = ["created_by", "created_at"]
+
+    @admin.display(description="currency")
+    def currency(self, obj):
+        return settings.CURRENCY
+
+    @admin.display(description="state")
+    def state(self, obj):
+        now = timezone.now()
+        if not obj.in_effect(now):
+            return "scheduled"
+        current = pricing.row_at(obj.model, now)
+        return "in effect" if current is not None and current.pk == obj.pk else "superseded"
+
+    def changelist_view(self, request, extra_context=None):
+        # Say which served models have no price at all: they cost nothing.
+        priced = set(ModelPrice.objects.values_list("model", flat=True).distinct())
+        unpriced = [name for name in served_models() if name not in priced]
+        if unpriced:
+            self.message_user(
+                request,
+                f"No price set for {', '.join(unpriced)}: its queries cost 0 {settings.CURRENCY}.",
+                messages.WARNING,
+            )
+        return super().changelist_view(request, extra_context)
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if "model" in form.base_fields:
+            form.base_fields["model"].help_text = "a served model's public name: " + ", ".join(served_models())
+        for name in ("input_per_million", "output_per_million", "per_image"):
+            if name in form.base_fields:
+                form.base_fields[name].help_text += f" ({settings.CURRENCY})"
+        return form
+
+    def has_change_permission(self, request, obj=None):
+        # A scheduled price may still be corrected; one in effect has priced queries.
+        if obj is not None and obj.in_effect():
+            return False
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.in_effect():
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        obj = self.get_object(request, object_id)
+        if obj is not None and obj.in_effect() and request.method == "POST":
+            self.message_user(request, IN_EFFECT_MESSAGE, messages.ERROR)
+            return HttpResponseRedirect(request.path)
+        if obj is not None and obj.in_effect():
+            self.message_user(request, IN_EFFECT_MESSAGE, messages.WARNING)
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def delete_view(self, request, object_id, extra_context=None):
+        obj = self.get_object(request, object_id)
+        if obj is not None and obj.in_effect():
+            self.message_user(request, IN_EFFECT_MESSAGE, messages.ERROR)
+            return HttpResponseRedirect(reverse("admin:inference_modelprice_change", args=[obj.pk]))
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_queryset(self, request, queryset):
+        # The bulk action deletes only scheduled prices; it says so for the others.
+        now = timezone.now()
+        in_effect = queryset.filter(effective_from__lte=now)
+        if in_effect.exists():
+            self.message_user(request, IN_EFFECT_MESSAGE, messages.ERROR)
+        queryset.filter(effective_from__gt=now).delete()
+
+    def save_model(self, request, obj, form, change):
+        if obj.created_by_id is None:
+            obj.created_by = request.user
+        now = timezone.now()
+        if obj.effective_from < now:  # "now" as the form was filled in: from its saving on
+            obj.effective_from = now
+        super().save_model(request, obj, form, change)
+
+
+IN_EFFECT_MESSAGE = (
+    "This price is already in effect: queries were priced by it, and history is never rewritten, so "
+    "it cannot be edited or deleted. Add a new price with a later effective date instead."
+)

@@ -10,6 +10,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config import money
 from config.errors import ApiError
 from inference import chat, health, selectors, serializers, services, validation
 from inference.dispatch import get_dispatcher
@@ -385,8 +386,19 @@ class UsageView(KeyedAPIView):
         def quota(limit, used):
             return {"limit": limit, "used": used, "remaining": None if limit is None else max(0, limit - used)}
 
+        def budget(limit, used_nano):
+            # Money as decimal strings: settled spend plus what running queries hold (their worst case).
+            used = money.from_nano(used_nano)
+            remaining = None if limit is None else max(money.ZERO, money.quantized(limit) - used)
+            return {"limit": money.text(limit), "used": money.text(used), "remaining": money.text(remaining)}
+
+        def totals(*args):
+            values = selectors.usage_totals(*args)
+            return {**values, "spend": money.text(values["spend"])}
+
         return Response(
             {
+                "currency": settings.CURRENCY,
                 "key": {
                     "id": api_key.pk,
                     "name": api_key.name,
@@ -395,14 +407,16 @@ class UsageView(KeyedAPIView):
                         "requests_per_day": quota(limits.requests_per_day, snap.requests_today),
                         "tokens_per_month": quota(limits.tokens_per_month, snap.tokens_this_month),
                         "concurrent_requests": quota(limits.max_concurrent_requests, snap.concurrent),
+                        "monthly_budget": budget(limits.key_budget, snap.spend_this_month),
                     },
-                    "today": selectors.usage_totals(api_key.tenant_id, today, api_key.pk),
-                    "this_month": selectors.usage_totals(api_key.tenant_id, month_start, api_key.pk),
+                    "today": totals(api_key.tenant_id, today, api_key.pk),
+                    "this_month": totals(api_key.tenant_id, month_start, api_key.pk),
                 },
                 "tenant": {
                     "slug": api_key.tenant.slug,
-                    "today": selectors.usage_totals(api_key.tenant_id, today),
-                    "this_month": selectors.usage_totals(api_key.tenant_id, month_start),
+                    "monthly_budget": budget(limits.tenant_budget, snap.tenant_spend_this_month),
+                    "today": totals(api_key.tenant_id, today),
+                    "this_month": totals(api_key.tenant_id, month_start),
                 },
             }
         )

@@ -8,8 +8,11 @@ answers for all of them, and a restart loses nothing:
   quota refusals (``rejected``); ``sightline_tokens_total{tenant,kind}``; and
   ``sightline_request_duration_seconds{tenant}``, a histogram of acceptance-to-answer time of the
   succeeded ones (the rollups' buckets). All from ``UsageDaily``, never a scan of the query log.
-  The ``tenant`` label only when ``METRICS_TOKEN`` is set (the scraper proved it holds it); the
-  open endpoint gives the same series summed over all tenants, without the label.
+  ``sightline_spend_total{tenant,currency}`` — the cost of the queries that ended (the rollups'
+  spend, in ``settings.CURRENCY``; a float here, as Prometheus has no other number: the exact
+  figures are the rollups' Decimals). The ``tenant`` label only when ``METRICS_TOKEN`` is set (the
+  scraper proved it holds it); the open endpoint gives the same series summed over all tenants,
+  without the label.
 * ``sightline_queue_depth{model}`` and ``sightline_queries_running{model}`` — accepted queries
   waiting for a worker, and running, per served model.
 * ``sightline_recent_{queue,first_token,total}_seconds{model,quantile}`` — p50/p90/p99 per model
@@ -40,7 +43,7 @@ from inference.models import Query, UsageDaily
 from inference.services import served_models
 
 QUANTILES = (0.5, 0.9, 0.99)
-USAGE_FIELDS = ("succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "latency_ms_total")
+USAGE_FIELDS = ("succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "latency_ms_total", "spend")
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -90,6 +93,9 @@ class SightlineCollector:
             "sightline_requests", "Queries that ended, and quota refusals", labels=[*label, "outcome"]
         )
         tokens = CounterMetricFamily("sightline_tokens", "Tokens of queries that ended", labels=[*label, "kind"])
+        spend = CounterMetricFamily(
+            "sightline_spend", "Cost of the queries that ended, in the currency", labels=[*label, "currency"]
+        )
         duration = HistogramMetricFamily(
             "sightline_request_duration_seconds", "Acceptance to answer, succeeded queries", labels=label
         )
@@ -99,10 +105,12 @@ class SightlineCollector:
                 requests.add_metric([*labels, outcome], entry[outcome])
             tokens.add_metric([*labels, "prompt"], entry["prompt_tokens"])
             tokens.add_metric([*labels, "completion"], entry["completion_tokens"])
+            spend.add_metric([*labels, settings.CURRENCY], float(entry["spend"]))
             cumulative = list(itertools.accumulate(entry["histogram"]))
             duration.add_metric(labels, list(zip(bounds, cumulative, strict=True)), entry["latency_ms_total"] / 1000)
         yield requests
         yield tokens
+        yield spend
         yield duration
 
     def _usage_entries(self) -> list[tuple[list[str], dict]]:

@@ -1,5 +1,7 @@
 import uuid
 
+from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -63,6 +65,14 @@ class Query(models.Model):
     reserved_tokens = models.PositiveIntegerField(default=0, help_text="tokens reserved against the monthly quota")
     settled_at = models.DateTimeField(
         null=True, blank=True, help_text="when its quota was settled and its usage added to the rollups"
+    )
+    # Money (config/money.py): the worst case reserved against the budgets at admission, and what it
+    # cost at its model's price of its creation (null until it settles).
+    reserved_cost = models.DecimalField(
+        max_digits=24, decimal_places=9, default=0, db_default=0, help_text="worst-case cost reserved at admission"
+    )
+    cost = models.DecimalField(
+        max_digits=24, decimal_places=9, null=True, blank=True, help_text="its cost, stored when it settled"
     )
 
     created_at = models.DateTimeField(default=timezone.now)
@@ -214,6 +224,9 @@ class UsageDaily(models.Model):
     completion_tokens = models.PositiveBigIntegerField(default=0)
     latency_ms_total = models.PositiveBigIntegerField(default=0, help_text="sum over succeeded queries")
     latency_histogram = models.JSONField(default=list, blank=True, help_text="counts per LATENCY_BUCKETS_MS bucket")
+    spend = models.DecimalField(
+        max_digits=24, decimal_places=9, default=0, db_default=0, help_text="cost of the queries that ended"
+    )
 
     class Meta:
         constraints = [
@@ -249,3 +262,37 @@ class UsageDaily(models.Model):
             if running >= q / 100 * total:
                 return cls.LATENCY_BUCKETS_MS[min(index, len(cls.LATENCY_BUCKETS_MS) - 1)]
         return cls.LATENCY_BUCKETS_MS[-1]
+
+
+class ModelPrice(models.Model):
+    """A served model's prices from ``effective_from`` on. A query costs what the row effective at
+    its creation says (the latest ``effective_from`` <= ``created_at``); rows are added, never
+    rewritten once in effect (inference/pricing.py)."""
+
+    model = models.CharField(max_length=200, help_text="the served model's public name")
+    input_per_million = models.DecimalField(
+        max_digits=18, decimal_places=9, validators=[MinValueValidator(0)], help_text="per million input tokens"
+    )
+    output_per_million = models.DecimalField(
+        max_digits=18, decimal_places=9, validators=[MinValueValidator(0)], help_text="per million output tokens"
+    )
+    per_image = models.DecimalField(
+        max_digits=18, decimal_places=9, default=0, validators=[MinValueValidator(0)], help_text="per input image"
+    )
+    effective_from = models.DateTimeField(default=timezone.now, help_text="from when it applies (now or later)")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["model", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "effective_from"], name="unique_model_price_from"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} from {self.effective_from:%Y-%m-%d %H:%M} UTC"
+
+    def in_effect(self, now=None) -> bool:
+        return self.effective_from <= (now or timezone.now())

@@ -33,26 +33,30 @@ def claim(query_id, worker: str, model: str | None = None) -> bool:
 
 
 def settle(query_id) -> bool:
-    """After a query's outcome is written: refund its unused token reservation, free its concurrent
-    slot, and add it to the usage rollup. Whoever ended the query calls this; the sweeper calls it
-    again for a query whose ender died in between. Safe to repeat: the quota side refunds only the
-    call that ends the reservation, and the rollup is added in the transaction that marks ``settled_at``
-    (where a ``no_images`` or ``metadata`` query also loses what its mode does not keep)."""
+    """After a query's outcome is written: store its cost, refund its unused token and money
+    reservations, free its concurrent slot, and add it (and its cost) to the usage rollup. Whoever
+    ended the query calls this; the sweeper calls it again for a query whose ender died in between.
+    Safe to repeat: the quota side refunds only the call that ends the reservation, and the rollup
+    is added in the transaction that marks ``settled_at`` (where a ``no_images`` or ``metadata``
+    query also loses what its mode does not keep)."""
     from django.db import transaction
 
     from accounts import quotas
-    from inference import privacy, usage
+    from inference import pricing, privacy, usage
 
     query = Query.objects.get(pk=query_id)
     if query.settled_at is not None or not query.is_finished:
         return False
+    # Its cost at its model's price of its creation (inference/pricing.py); the same on every repeat.
+    query.cost = pricing.query_cost(query)
     try:
-        quotas.settle(query.api_key_id, query.pk, used=query.total_tokens or 0)
+        quotas.settle(query.api_key_id, query.pk, used=query.total_tokens or 0, cost=query.cost)
     except Exception:  # Redis down: the sweeper retries; the slot's lease bounds the damage meanwhile
         logger.exception("could not settle the quota of query %s", query_id)
         return False
     with transaction.atomic():
-        if not Query.objects.filter(pk=query_id, settled_at__isnull=True).update(settled_at=timezone.now()):
+        settled = Query.objects.filter(pk=query_id, settled_at__isnull=True)
+        if not settled.update(settled_at=timezone.now(), cost=query.cost):
             return False
         usage.record_outcome(query)
         privacy.on_settle(query)  # what the tenant's privacy mode does not keep goes now

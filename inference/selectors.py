@@ -1,9 +1,11 @@
 """Queries that read the query log. Tenants only ever see their own rows."""
 
 import uuid
+from decimal import Decimal
 
 from django.db.models import Prefetch
 
+from config import money
 from inference import chat, imagestore
 from inference.models import Query, QueryImage
 
@@ -21,6 +23,7 @@ LIST_FIELDS = (
     "finish_reason",
     "prompt_tokens",
     "completion_tokens",
+    "cost",
     "error_code",
     "error_message",
     "created_at",
@@ -144,9 +147,11 @@ def usage_totals(tenant_id, since, api_key_id=None) -> dict:
         rejected=Sum("rejected"),
         prompt_tokens=Sum("prompt_tokens"),
         completion_tokens=Sum("completion_tokens"),
+        spend=Sum("spend"),
     )
     totals = {name: value or 0 for name, value in totals.items()}
     totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+    totals["spend"] = money.quantized(totals["spend"])
     return totals
 
 
@@ -197,7 +202,16 @@ def usage_by_tenant(since=None, until=None) -> list[dict]:
     outcomes, tokens, error rate, the summed latency histogram and its p50/p95/p99, most requests first."""
     from inference.models import UsageDaily
 
-    summed = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "latency_ms_total")
+    summed = (
+        "requests",
+        "succeeded",
+        "failed",
+        "rejected",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms_total",
+        "spend",
+    )
     tenants: dict = {}
     rows = UsageDaily.objects.all() if since is None else UsageDaily.objects.filter(date__gte=since)
     if until is not None:
@@ -429,3 +443,187 @@ def usage_per_key_and_day(tenant_id, since) -> dict:
     for row in rows:
         per_key.setdefault(row["api_key_id"], {})[row["date"]] = {"requests": row["requests"], "tokens": row["tokens"]}
     return per_key
+
+
+def budget_status(tenant, at=None) -> dict:
+    """What is left of the tenant's monthly budget and of each budgeted key's, from the rollups'
+    spend of this UTC month (settled queries; running ones are not in it yet): for the tenant and
+    per key, ``spent``, ``budget`` (None: none), ``left`` and ``fraction`` (spent / budget), and
+    ``level``: "over" at 100 % and more, "warn" from 80 %, else "" (the dashboard's banner)."""
+    from datetime import UTC, datetime
+
+    from django.conf import settings
+    from django.db.models import Sum
+
+    from inference.models import UsageDaily
+
+    at = at or datetime.now(UTC)
+    month_start = at.date().replace(day=1)
+    rows = UsageDaily.objects.filter(tenant_id=tenant.pk, date__gte=month_start, date__lte=at.date())
+    by_key = dict(rows.filter(api_key__isnull=False).values_list("api_key_id").annotate(s=Sum("spend")).order_by())
+    spent = money.quantized(rows.aggregate(s=Sum("spend"))["s"])
+
+    def status(spent, budget) -> dict:
+        fraction = money.fraction(spent, budget)
+        level = "" if fraction is None else "over" if fraction >= 1 else "warn" if fraction >= Decimal("0.8") else ""
+        left = None if budget is None else max(money.ZERO, money.quantized(budget) - spent)
+        return {"spent": spent, "budget": budget, "left": left, "fraction": fraction, "level": level}
+
+    keys = []
+    for api_key in tenant.api_keys.filter(monthly_budget__isnull=False).only("id", "name", "prefix", "monthly_budget"):
+        keys.append({"key": api_key, **status(money.quantized(by_key.get(api_key.pk)), api_key.monthly_budget)})
+    return {"currency": settings.CURRENCY, "month": month_start, **status(spent, tenant.monthly_budget), "keys": keys}
+
+
+# --- spend, for the operators' spend page (dashboard/views/admin.py) ------------------------------
+def _rollups_between(since, until):
+    from inference.models import UsageDaily
+
+    return UsageDaily.objects.filter(date__gte=since, date__lte=until)
+
+
+def spend_series(since, until, tenant_id=None) -> list[dict]:
+    """Spend per day from ``since`` to ``until`` (dates; days without spend included)."""
+    from datetime import timedelta
+
+    from django.db.models import Sum
+
+    rows = _rollups_between(since, until)
+    if tenant_id is not None:
+        rows = rows.filter(tenant_id=tenant_id)
+    by_day = dict(rows.values_list("date").annotate(s=Sum("spend")).order_by())
+    series, day = [], since
+    while day <= until:
+        series.append({"date": day, "spend": money.quantized(by_day.get(day))})
+        day += timedelta(days=1)
+    return series
+
+
+def spend_by_tenant(since, until, at=None) -> list[dict]:
+    """Per tenant: spend, requests and tokens from ``since`` to ``until``, this month's spend against
+    its budget; the tenants at 80 % of their budget or more first (most spent first), then by spend."""
+    from datetime import UTC, datetime
+
+    from django.db.models import Sum
+
+    from accounts.models import Tenant
+
+    at = at or datetime.now(UTC)
+    ranged = {
+        row["tenant_id"]: row
+        for row in _rollups_between(since, until)
+        .values("tenant_id")
+        .annotate(
+            spend=Sum("spend"), requests=Sum("requests"), prompt=Sum("prompt_tokens"), out=Sum("completion_tokens")
+        )
+        .order_by()
+    }
+    month = dict(
+        _rollups_between(at.date().replace(day=1), at.date())
+        .values_list("tenant_id")
+        .annotate(s=Sum("spend"))
+        .order_by()
+    )
+    tenants = {t.pk: t for t in Tenant.objects.filter(pk__in=[k for k in ranged if k is not None])}
+    tenants.update({t.pk: t for t in Tenant.objects.filter(monthly_budget__isnull=False)})
+    result = []
+    for tenant_id in set(tenants) | ({None} if None in ranged else set()):
+        row = ranged.get(tenant_id, {})
+        tenant = tenants.get(tenant_id)
+        budget = tenant.monthly_budget if tenant is not None else None
+        month_spend = money.quantized(month.get(tenant_id))
+        fraction = money.fraction(month_spend, budget)
+        result.append(
+            {
+                "tenant": tenant,
+                "spend": money.quantized(row.get("spend")),
+                "requests": row.get("requests") or 0,
+                "tokens": (row.get("prompt") or 0) + (row.get("out") or 0),
+                "month_spend": month_spend,
+                "budget": budget,
+                "fraction": fraction,
+                "percent": None if fraction is None else int(fraction * 100),
+                "alert": fraction is not None and fraction >= Decimal("0.8"),
+            }
+        )
+    return sorted(result, key=lambda e: (not e["alert"], -(e["fraction"] or 0) if e["alert"] else 0, -e["spend"]))
+
+
+def spend_by_key(since, until, limit=20) -> list[dict]:
+    from django.db.models import Sum
+
+    rows = _rollups_between(since, until).filter(api_key__isnull=False)
+    return [
+        {**row, "spend": money.quantized(row["spend"])}
+        for row in rows.values(
+            "api_key_id", "api_key__name", "api_key__prefix", "api_key__monthly_budget", "tenant__name"
+        )
+        .annotate(spend=Sum("spend"), requests=Sum("requests"))
+        .order_by("-spend", "api_key_id")[:limit]
+    ]
+
+
+def spend_by_model(since, until) -> list[dict]:
+    """Per model: spend and requests from ``since`` to ``until``, from the rollups (rows written
+    before the rollups knew the model are the model "")."""
+    from django.db.models import Sum
+
+    rows = _rollups_between(since, until).values("model").annotate(spend=Sum("spend"), requests=Sum("requests"))
+    return sorted(
+        ({**row, "spend": money.quantized(row["spend"])} for row in rows.order_by()),
+        key=lambda r: (-r["spend"], r["model"] or ""),
+    )
+
+
+def spend_by_month(first_month=None) -> list[dict]:
+    """Per tenant and UTC month (for invoicing): requests, tokens and spend from the rollups; tenants
+    deleted since are one anonymised row per month (tenant None)."""
+    from django.db.models import Sum
+    from django.db.models.functions import TruncMonth
+
+    from inference.models import UsageDaily
+
+    rows = UsageDaily.objects.all() if first_month is None else UsageDaily.objects.filter(date__gte=first_month)
+    return [
+        {**row, "spend": money.quantized(row["spend"])}
+        for row in rows.annotate(month=TruncMonth("date"))
+        .values("month", "tenant_id", "tenant__slug", "tenant__name", "tenant__monthly_budget")
+        .annotate(
+            requests=Sum("requests"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+            spend=Sum("spend"),
+        )
+        .order_by("month", "tenant__slug", "tenant_id")
+    ]
+
+
+def price_history() -> list[dict]:
+    """Every model's prices, newest first, each marked scheduled, in effect or superseded; the served
+    models without a price are listed with none ("no price set": they cost nothing)."""
+    from django.utils import timezone
+
+    from config import models_registry
+    from inference.models import ModelPrice
+
+    now = timezone.now()
+    by_model: dict[str, list] = {name: [] for name in models_registry.names()}
+    for row in ModelPrice.objects.select_related("created_by").order_by("model", "-effective_from"):
+        by_model.setdefault(row.model, []).append(row)
+    history = []
+    for model, rows in sorted(by_model.items()):
+        current = next((row for row in rows if row.effective_from <= now), None)
+        entries = [
+            {
+                "row": row,
+                "state": "scheduled" if row.effective_from > now else "in effect" if row is current else "superseded",
+                "shown": [
+                    money.plain(row.input_per_million),
+                    money.plain(row.output_per_million),
+                    money.plain(row.per_image),
+                ],
+            }
+            for row in rows
+        ]
+        history.append({"model": model, "prices": entries, "current": current})
+    return history

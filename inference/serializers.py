@@ -200,6 +200,14 @@ class QuerySerializer(serializers.Serializer):
     answer = serializers.CharField()
     finish_reason = serializers.CharField()
     usage = serializers.SerializerMethodField()
+    cost = serializers.DecimalField(
+        max_digits=24,
+        decimal_places=9,
+        allow_null=True,
+        coerce_to_string=True,
+        help_text="what it cost (a decimal string, exact to 10^-9 of `currency`); null until it settles",
+    )
+    currency = serializers.SerializerMethodField()
     error = serializers.SerializerMethodField()
     timings = serializers.SerializerMethodField()
     kept = serializers.SerializerMethodField()
@@ -224,6 +232,9 @@ class QuerySerializer(serializers.Serializer):
     @extend_schema_field(UsageSerializer(allow_null=True))
     def get_usage(self, query) -> dict | None:
         return None if query.prompt_tokens is None else services.usage(query)
+
+    def get_currency(self, query) -> str:
+        return settings.CURRENCY
 
     @extend_schema_field(QueryErrorSerializer(allow_null=True))
     def get_error(self, query) -> dict | None:

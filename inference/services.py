@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from accounts import quotas
 from config import models_registry, shutdown
 from config.errors import STATUS, ApiError
-from inference import chat, events, imagestore, runner, validation
+from inference import chat, events, imagestore, pricing, runner, validation
 from inference.dispatch import get_dispatcher
 from inference.engine import tiny_model
 from inference.images import CheckedImage, check_image
@@ -208,7 +208,12 @@ def accept(
     pngs = [image.normalised_png() for image in data.images]  # before the transaction: no lock held meanwhile
     keys = [imagestore.key_for(api_key.tenant_id, png) for png in pngs]
     identity = (
-        {"id": admission.id, "created_at": admission.at, "reserved_tokens": admission.reserved_tokens}
+        {
+            "id": admission.id,
+            "created_at": admission.at,
+            "reserved_tokens": admission.reserved_tokens,
+            "reserved_cost": admission.reserved_cost,
+        }
         if admission
         else {}
     )
@@ -297,7 +302,9 @@ def submit(
     served = models_registry.get(model)
     conversation = check_conversation(messages=messages, prompt=prompt, images=len(images), served=served)
     params = check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, served=served)
-    # n choices may each write max_tokens: the reservation covers them all.
+    # n choices may each write max_tokens: the reservation covers them all. The budgets reserve its
+    # worst-case cost at its model's price of this instant, which becomes the row's created_at.
+    at = quotas.now()
     admission = quotas.admit(
         api_key,
         prompt="\n".join(conversation.texts),
@@ -305,6 +312,8 @@ def submit(
         max_tokens=params.max_tokens * choices,
         model=model,
         endpoint=endpoint,
+        price=pricing.price_at(model, at),
+        at=at,
     )
     try:
         data = _input(conversation, params, check_images(images, params=conversation.image_params))

@@ -35,6 +35,7 @@ def record_outcome(query: Query) -> None:
         row.requests += 1
         row.prompt_tokens += query.prompt_tokens or 0
         row.completion_tokens += query.completion_tokens or 0
+        row.spend += query.cost or 0
         if query.status == Query.Status.SUCCEEDED:
             row.succeeded += 1
             latency_ms = (query.total_seconds or 0) * 1000

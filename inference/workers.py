@@ -31,7 +31,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from accounts import quotas
-from config import models_registry
+from config import models_registry, money
 from config.redis import client
 from config.redis import key as _key
 
@@ -180,7 +180,7 @@ def release_abandoned_admissions(limit: int = 1000) -> int:
     rows = {
         query.pk.hex: query
         for query in Query.objects.filter(pk__in=[uuid.UUID(member) for _, member, _ in pending]).only(
-            "id", "status", "created_at", "settled_at", "prompt_tokens", "completion_tokens"
+            "id", "status", "created_at", "settled_at", "prompt_tokens", "completion_tokens", "cost"
         )
     }
     released = 0
@@ -191,7 +191,7 @@ def release_abandoned_admissions(limit: int = 1000) -> int:
         elif row.settled_at is not None:
             # Settled, yet still held: re-added by a rebuild that read the row just before its
             # settling. Settle it again (this refunds only if the reservation is still held).
-            backend.settle(key_id, member, row.total_tokens or 0)
+            backend.settle(key_id, member, row.total_tokens or 0, cost=money.to_nano(row.cost))
         else:
             slot_until = None if row.is_finished else row.created_at + timedelta(milliseconds=quotas.slot_lease_ms())
             backend.adopt(key_id, member, slot_until)
@@ -200,26 +200,35 @@ def release_abandoned_admissions(limit: int = 1000) -> int:
 
 def restore_quotas() -> int:
     """Rebuild every key's day and month counters from PostgreSQL: the usage rollups of the month
-    plus the reservations of the rows not settled yet (which hold their slots while unfinished).
-    Returns how many keys were rebuilt."""
+    plus the reservations of the rows not settled yet (which hold their slots while unfinished);
+    and each tenant's spend counter, shared by its keys, likewise (its rollups' spend plus the
+    reserved cost its keys hold). Returns how many keys were rebuilt."""
+    from accounts.models import ApiKey
     from inference.models import Query, UsageDaily
 
     at = quotas.now()
     today = at.date()
     day_requests: dict[int, int] = defaultdict(int)
     month_tokens: dict[int, int] = defaultdict(int)
+    month_spend: dict[int, int] = defaultdict(int)
+    tenant_spend: dict[int, int] = defaultdict(int)
     held: dict[int, list[quotas.Held]] = defaultdict(list)
-    rollups = UsageDaily.objects.filter(api_key__isnull=False, date__gte=today.replace(day=1), date__lte=today)
-    for key_id, date, requests, prompt, completion in rollups.values_list(
-        "api_key_id", "date", "requests", "prompt_tokens", "completion_tokens"
+    rollups = UsageDaily.objects.filter(date__gte=today.replace(day=1), date__lte=today)
+    for tenant_id, key_id, date, requests, prompt, completion, spend in rollups.values_list(
+        "tenant_id", "api_key_id", "date", "requests", "prompt_tokens", "completion_tokens", "spend"
     ):
+        if tenant_id is not None:
+            tenant_spend[tenant_id] += money.to_nano(spend)
+        if key_id is None:
+            continue
         month_tokens[key_id] += prompt + completion
+        month_spend[key_id] += money.to_nano(spend)
         if date == today:
             day_requests[key_id] += requests
     unsettled = Query.objects.filter(settled_at__isnull=True, api_key__isnull=False).values_list(
-        "pk", "api_key_id", "created_at", "reserved_tokens", "status"
+        "pk", "api_key_id", "created_at", "reserved_tokens", "status", "reserved_cost", "tenant_id"
     )
-    for query_id, key_id, created_at, reserved, status in unsettled.iterator():
+    for query_id, key_id, created_at, reserved, status, reserved_cost, tenant_id in unsettled.iterator():
         created = created_at.astimezone(UTC)
         if created.date() == today:
             day_requests[key_id] += 1
@@ -231,21 +240,34 @@ def restore_quotas() -> int:
                 reserve=reserved,
                 unfinished=unfinished,
                 created_ms=int(created.timestamp() * 1000),
+                cost=money.to_nano(reserved_cost),
+                tenant_id=tenant_id,
             )
         )
     backend = quotas.backend()
-    keys = set(day_requests) | set(month_tokens) | set(held)
+    keys = set(day_requests) | set(month_tokens) | set(held) | set(month_spend)
     for key_id in keys:
         backend.restore(
-            key_id, at, day_requests=day_requests[key_id], month_tokens=month_tokens[key_id], held=held[key_id]
+            key_id,
+            at,
+            day_requests=day_requests[key_id],
+            month_tokens=month_tokens[key_id],
+            held=held[key_id],
+            month_spend=month_spend[key_id],
         )
+    # Each tenant's shared counter, from the held hashes of all its keys (restored just above).
+    tenant_keys: dict[int, list[int]] = defaultdict(list)
+    for key_id, tenant_id in ApiKey.objects.values_list("pk", "tenant_id"):
+        tenant_keys[tenant_id].append(key_id)
+    for tenant_id in set(tenant_spend) | {t for t, ks in tenant_keys.items() if set(ks) & keys}:
+        backend.restore_tenant(tenant_id, at, month_spend=tenant_spend[tenant_id], key_ids=tenant_keys[tenant_id])
     # A row settled between the read above and its restore got its reservation back in Redis
     # (its own settling found none to refund): settle those again now.
     restored = [uuid.UUID(item.member) for items in held.values() for item in items]
-    for key_id, query_id, prompt, completion in Query.objects.filter(
+    for key_id, query_id, prompt, completion, cost in Query.objects.filter(
         pk__in=restored, settled_at__isnull=False
-    ).values_list("api_key_id", "pk", "prompt_tokens", "completion_tokens"):
-        backend.settle(key_id, query_id.hex, (prompt or 0) + (completion or 0))
+    ).values_list("api_key_id", "pk", "prompt_tokens", "completion_tokens", "cost"):
+        backend.settle(key_id, query_id.hex, (prompt or 0) + (completion or 0), cost=money.to_nano(cost))
     return len(keys)
 
 

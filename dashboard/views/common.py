@@ -16,8 +16,33 @@ def page_context(request, membership, **extra):
         "tenant": membership.tenant,
         "memberships": dashboard.memberships(request.user),
         "can_manage": membership.role in dashboard.MANAGERS,
+        "budget_banner": budget_banner(membership.tenant),
         **extra,
     }
+
+
+def budget_banner(tenant) -> dict | None:
+    """The banner every dashboard page shows at 80 % and at 100 % of this month's budget (the
+    tenant's, or else the most spent of its keys'); None below 80 % or without a budget."""
+    if tenant.monthly_budget is None and not tenant.api_keys.filter(monthly_budget__isnull=False).exists():
+        return None  # no budget anywhere: no query for the spend
+    status = selectors.budget_status(tenant)
+    candidates = [(status, "tenant")] + [(entry, "key") for entry in status["keys"] if not entry["key"].is_revoked]
+    levelled = [(entry, whose) for entry, whose in candidates if entry["level"]]
+    if not levelled:
+        return None
+    entry, whose = max(levelled, key=lambda item: item[0]["fraction"])
+    percent = int(entry["fraction"] * 100)
+    what = "this month's budget" if whose == "tenant" else f"this month's budget of the key {entry['key'].name}"
+    figures = f"{entry['spent']:.2f} of {entry['budget']:.2f} {status['currency']}"
+    if entry["level"] == "over":
+        text = (
+            f"100% of {what} is spent ({figures}): requests are refused with budget_exceeded until next "
+            "month; raise the budget to go on."
+        )
+    else:
+        text = f"80% of {what} is spent: {percent}% so far ({figures}, {entry['left']:.2f} left)."
+    return {"level": entry["level"], "text": text}
 
 
 def require_owner(membership, *, doing: str = "change what is kept, export the log or delete queries") -> None:

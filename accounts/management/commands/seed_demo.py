@@ -5,6 +5,7 @@ show. The synthetic answers are placeholders, not model output."""
 import hashlib
 import random
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
@@ -12,8 +13,8 @@ from django.db import transaction
 
 from accounts import services
 from accounts.models import Membership, Tenant
-from inference import chat, imagestore, usage
-from inference.models import Query, QueryImage
+from inference import chat, imagestore, pricing, usage
+from inference.models import ModelPrice, Query, QueryImage
 from inference.samples import sample_png
 
 PROMPTS = [
@@ -49,6 +50,15 @@ class Command(BaseCommand):
         batch_key, _ = services.create_api_key(tenant, "seeded-batch", created_by=owner)
         png = sample_png()
         now = datetime.now(UTC)
+        if not ModelPrice.objects.filter(model="glm-4.6v-flash").exists():
+            # Demo prices from before the first synthetic query, so that the queries have a cost.
+            ModelPrice.objects.create(
+                model="glm-4.6v-flash",
+                input_per_million=Decimal("0.30"),
+                output_per_million=Decimal("0.90"),
+                per_image=Decimal("0.0005"),
+                effective_from=now - timedelta(days=31),
+            )
         with transaction.atomic():
             for i in range(queries):
                 created = now - timedelta(days=rng.uniform(0, 29.9))
@@ -95,6 +105,8 @@ class Command(BaseCommand):
                         key=key,
                         stored_bytes=len(png),
                     )
+                query.cost = pricing.query_cost(query, images=images)
+                Query.objects.filter(pk=query.pk).update(cost=query.cost)
                 usage.record_outcome(query)
         self.stdout.write(
             f"dashboard: sign in at /dashboard/ as 'demo', password {password!r} ({queries} synthetic queries "
