@@ -4,7 +4,8 @@ Every chart is a ``<figure>``: the SVG (``role="img"``, named by an ``aria-label
 a y axis with round tick values and gridlines, date labels that do not overlap (every Nth day),
 the exact value of every bar, segment and point in its SVG ``<title>`` (the browser shows it on
 hover), an HTML legend, and the figures as a table inside ``<details>`` (the text alternative).
-Numbers are written with thousands separators.
+Numbers are written with thousands separators; amounts of money with ``amount`` (drawn from floats,
+formatted from the ``Decimal`` they were converted from).
 
 * ``bar_chart(points, title=…)`` — one series of (label, value) bars;
 * ``stacked_bar_chart(labels, series, title=…)`` — one bar per day, one segment per series;
@@ -14,6 +15,7 @@ Numbers are written with thousands separators.
 import math
 from collections.abc import Callable, Sequence
 from datetime import date
+from decimal import Decimal
 from html import escape as _escape
 
 from django.utils.safestring import SafeString, mark_safe
@@ -41,6 +43,20 @@ def number(value: float | None) -> str:
     if float(value).is_integer():
         return f"{int(value):,}"
     return f"{value:,.2f}"
+
+
+def amount(value) -> str:
+    """An amount of money (a ``Decimal``, or a float only drawn) with thousands separators and two
+    decimals; an amount under a cent with up to six, so that a small spend does not read as none."""
+    if value is None:
+        return "–"
+    exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if exact == 0:
+        return "0.00"
+    if abs(exact) >= Decimal("0.01"):
+        return f"{exact:,.2f}"
+    text = f"{exact:.6f}".rstrip("0")
+    return text if text.strip("-0.") else "<0.000001"
 
 
 def percent(value: float | None) -> str:

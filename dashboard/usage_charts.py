@@ -12,6 +12,7 @@ DEFAULT_DAYS = 30
 MAX_DAYS = 366
 BREAKDOWN_NAMES = {"key": "key", "model": "model", "endpoint": "endpoint"}
 DEFAULT_BREAKDOWN = "key"
+SPEND_BREAKDOWNS = {"tenant": "tenant", "model": "model"}  # the admin's spend page
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,17 @@ def _date(text: str, name: str, errors: list[str]) -> date | None:
         return None
 
 
-def parse(params, *, today: date) -> UsageView:
-    """The range and breakdown of ``params`` (a QueryDict). Bad input never raises: each problem is
-    a message in ``errors``, and the default (the last 30 days by key) stands in for what was wrong."""
+def parse(params, *, today: date, breakdowns: dict = BREAKDOWN_NAMES, default_by: str = DEFAULT_BREAKDOWN) -> UsageView:
+    """The range and breakdown of ``params`` (a QueryDict); ``breakdowns``: those the page offers
+    (the admin's spend page: tenant or model). Bad input never raises: each problem is a message in
+    ``errors``, and the default (the last 30 days by ``default_by``) stands in for what was wrong."""
     errors: list[str] = []
-    by = params.get("by", DEFAULT_BREAKDOWN) or DEFAULT_BREAKDOWN
-    if by not in BREAKDOWN_NAMES:
-        errors.append(f"“{by[:40]}” is not a breakdown: choose key, model or endpoint.")
-        by = DEFAULT_BREAKDOWN
+    by = params.get("by", default_by) or default_by
+    if by not in breakdowns:
+        names = list(breakdowns)
+        choices = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+        errors.append(f"“{by[:40]}” is not a breakdown: choose {choices}.")
+        by = default_by
     chosen = params.get("range") or params.get("days") or ""
     start_text, end_text = params.get("from", "").strip(), params.get("to", "").strip()
 
@@ -83,6 +87,19 @@ def _series(data: dict, figure: str) -> list[charts.Series]:
         (group["label"], [day[figure] for day in group["days"]], charts.color(n, str(group["value"])))
         for n, group in enumerate(data["groups"])
     ]
+
+
+def spend_chart(data: dict, *, currency: str, scope: str = ""):
+    """Spend per day, stacked by the breakdown's groups: the ``Decimal`` amounts converted to float
+    only to be drawn; every value written with the currency and thousands separators."""
+    suffix = f", by {data['by']}" + (f", {scope}" if scope else "")
+    series = [
+        (group["label"], [float(day["spend"]) for day in group["days"]], charts.color(n, str(group["value"])))
+        for n, group in enumerate(data["groups"])
+    ]
+    return charts.stacked_bar_chart(
+        data["days"], series, title=f"Spend per day ({currency}){suffix}", unit=currency, fmt=charts.amount
+    )
 
 
 def breakdown_charts(data: dict, *, scope: str = "") -> list:

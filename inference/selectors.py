@@ -260,18 +260,21 @@ def top_keys(since, limit=10, tenant_id=None, until=None) -> list[dict]:
 
 
 # What a usage breakdown groups the rollups by: its name -> the rollup field.
-BREAKDOWNS = {"key": "api_key_id", "model": "model", "endpoint": "endpoint"}
+BREAKDOWNS = {"key": "api_key_id", "model": "model", "endpoint": "endpoint", "tenant": "tenant_id"}
 EARLIER = "(earlier)"  # rows written before the rollups knew the model and endpoint
 OTHER = "other"
 PERCENTILES = (50, 95, 99)
-_SUMMED = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens")
+_SUMMED = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "spend")
 
 
 def _group_labels(by: str, values: set, *, with_tenant: bool) -> dict:
     """A readable name for each group value of a breakdown."""
-    from accounts.models import ApiKey
+    from accounts.models import ApiKey, Tenant
     from inference.models import Query
 
+    if by == "tenant":
+        names = dict(Tenant.objects.filter(pk__in=[v for v in values if v is not None]).values_list("pk", "name"))
+        return {value: names.get(value, "(deleted tenants, anonymised)") for value in values}
     if by == "key":
         keys = ApiKey.objects.filter(pk__in=[v for v in values if v is not None]).select_related("tenant")
         names = {
@@ -302,6 +305,7 @@ def _figures(sums: dict, histogram: list[int]) -> dict:
     from inference.models import UsageDaily
 
     out = dict(sums)
+    out["spend"] = money.quantized(sums["spend"])  # Decimal, also on a day without usage (0 -> 0E-9)
     out["tokens"] = sums["prompt_tokens"] + sums["completion_tokens"]
     out["error_rate"] = sums["failed"] / sums["requests"] if sums["requests"] else None
     out["histogram"] = histogram
@@ -310,16 +314,18 @@ def _figures(sums: dict, histogram: list[int]) -> dict:
     return out
 
 
-def usage_breakdown(*, start, end, by: str, tenant_id=None, top: int = 5) -> dict:
+def usage_breakdown(*, start, end, by: str, tenant_id=None, top: int = 5, rank_by: str = "requests") -> dict:
     """The daily rollups from ``start`` to ``end`` (dates, both included; days without usage too),
-    for a tenant (None: all tenants), broken down ``by`` key, model or endpoint: the ``top`` groups
-    with the most requests over the range, the rest summed as "other".
+    for a tenant (None: all tenants), broken down ``by`` key, model, endpoint or tenant: the ``top``
+    groups with the most ``rank_by`` (requests, or spend, ...) over the range, the rest summed as
+    "other".
 
     Returns ``{"days": [date…], "by": by, "groups": [group…], "totals": [day…], "summary": day}``,
     where each group is ``{"value", "label", "days": [day…], "summary": day}``, and each "day" is
-    the summed ``requests, succeeded, failed, rejected, prompt_tokens, completion_tokens, tokens,
-    error_rate, histogram, p50_ms, p95_ms, p99_ms``. The groups' days add up to ``totals``. Only the
-    rollups are read, never the query log.
+    the summed ``requests, succeeded, failed, rejected, prompt_tokens, completion_tokens, spend,
+    tokens, error_rate, histogram, p50_ms, p95_ms, p99_ms`` (``spend``: a ``Decimal`` of the
+    currency, with the quantum's 9 decimals; never a float). The groups' days add up to ``totals``.
+    Only the rollups are read, never the query log.
     """
     from datetime import timedelta
 
@@ -327,6 +333,8 @@ def usage_breakdown(*, start, end, by: str, tenant_id=None, top: int = 5) -> dic
 
     if by not in BREAKDOWNS:
         raise ValueError(f"unknown breakdown {by!r}")
+    if rank_by not in _SUMMED:
+        raise ValueError(f"unknown figure {rank_by!r}")
     field = BREAKDOWNS[by]
     days = [start + timedelta(days=n) for n in range((end - start).days + 1)]
     index = {day: n for n, day in enumerate(days)}
@@ -357,7 +365,12 @@ def usage_breakdown(*, start, end, by: str, tenant_id=None, top: int = 5) -> dic
 
     ranked = sorted(
         per_group,
-        key=lambda v: (-total_of(per_group[v], "requests"), -total_of(per_group[v], "rejected"), str(v)),
+        key=lambda v: (
+            -total_of(per_group[v], rank_by),
+            -total_of(per_group[v], "requests"),
+            -total_of(per_group[v], "rejected"),
+            str(v),
+        ),
     )
     shown, rest = ranked[:top], ranked[top:]
     if len(rest) == 1:  # "other" would be one group: show it by its name

@@ -48,6 +48,28 @@ def settled_query(api_key, *, endpoint, model="glm-a", days_ago=0, ok=True, ms=1
 def usage_world(db):
     """Tenant A: keys "alpha" and "beta", two models, three endpoints, over three days, a few
     failures; tenant B: one key and one query (never to be seen by A)."""
+    return _usage_world()
+
+
+@pytest.fixture
+def priced_world(db):
+    """``usage_world`` with prices for both models (in effect since before the queries were made):
+    each query's cost is settled by runner.settle and added to the rollups' spend."""
+    from decimal import Decimal
+
+    from inference.models import ModelPrice
+
+    since = datetime.now(UTC) - timedelta(days=40)
+    ModelPrice.objects.create(
+        model="glm-a", input_per_million=Decimal("1234.5"), output_per_million=Decimal("2500"), effective_from=since
+    )
+    ModelPrice.objects.create(
+        model="glm-b", input_per_million=Decimal("0.3"), output_per_million=Decimal("0.9"), effective_from=since
+    )
+    return _usage_world()
+
+
+def _usage_world():
     a = services.create_tenant("Tenant A", slug="tenant-a")
     b = services.create_tenant("Tenant B", slug="tenant-b")
     alpha, _ = services.create_api_key(a, "alpha")
@@ -84,6 +106,80 @@ def _expected(queries, day, keep=lambda q: True) -> dict:
     }
     out["tokens"] = out["prompt_tokens"] + out["completion_tokens"]
     return out
+
+
+@pytest.mark.parametrize("by", ["key", "model", "endpoint"])
+def test_the_breakdown_sums_the_rollups_spend(priced_world, by):
+    from decimal import Decimal
+
+    queries, a = priced_world["queries"], priced_world["a"]
+    assert any(q.cost > 1 for q in queries)  # the prices make some of them cost more than a unit
+    data = selectors.usage_breakdown(start=TODAY - timedelta(days=6), end=TODAY, by=by, tenant_id=a.pk)
+    field = selectors.BREAKDOWNS[by]
+    rows = list(UsageDaily.objects.filter(tenant=a))
+    for n, day in enumerate(data["days"]):
+        assert data["totals"][n]["spend"] == sum((r.spend for r in rows if r.date == day), Decimal(0))
+        assert data["totals"][n]["spend"] == sum((q.cost for q in queries if q.created_at.date() == day), Decimal(0))
+        for group in data["groups"]:
+            mine = [r for r in rows if r.date == day and getattr(r, field) == group["value"]]
+            assert group["days"][n]["spend"] == sum((r.spend for r in mine), Decimal(0)), (day, group["label"])
+        assert sum((g["days"][n]["spend"] for g in data["groups"]), Decimal(0)) == data["totals"][n]["spend"]
+    assert data["summary"]["spend"] == sum((r.spend for r in rows), Decimal(0)) > 0
+    figures = [data["summary"], *data["totals"], *(d for g in data["groups"] for d in [g["summary"], *g["days"]])]
+    assert all(type(f["spend"]) is Decimal for f in figures)  # never a float in the data
+    # the groups can be ranked by what they spent
+    by_spend = selectors.usage_breakdown(
+        start=TODAY - timedelta(days=6), end=TODAY, by=by, tenant_id=a.pk, rank_by="spend"
+    )
+    spent = [g["summary"]["spend"] for g in by_spend["groups"]]
+    assert spent == sorted(spent, reverse=True)
+
+
+def test_the_overview_shows_spend_per_breakdown_and_the_budget_bar(priced_world):
+    from decimal import Decimal
+
+    a = priced_world["a"]
+    owner = services.create_user("owner-spend", password="pw-12345678")
+    services.add_member(a, owner, Membership.Role.OWNER)
+    client = _client(owner)
+    rows = list(UsageDaily.objects.filter(tenant=a))
+    month = sum((r.spend for r in rows if r.date >= TODAY.replace(day=1)), Decimal(0))
+
+    html = client.get("/dashboard/?range=7&by=model").content.decode()
+    assert f'<strong id="month-spend"><data value="{month.quantize(Decimal("1e-9"))}">' in html
+    assert f"{charts.amount(month)} USD" in html
+    assert 'id="no-budget">no budget<' in html and 'id="budget-bar"' not in html
+    assert "Spend per day (USD), by model" in html
+    # each model's spend of today, as the rollups have it, in its segment's <title>
+    for model in ("glm-a", "glm-b"):
+        spent = sum((r.spend for r in rows if r.date == TODAY and r.model == model), Decimal(0))
+        day_total = sum((r.spend for r in rows if r.date == TODAY), Decimal(0))
+        if spent:
+            title = f"<title>{TODAY.isoformat()} · {model}: {charts.amount(spent)} USD (of {charts.amount(day_total)})"
+            assert title in html, model
+
+    # A budget: the bar's values, what is left; at 80 % and over it the bar warns, then is full.
+    for budget, percent, level in (
+        (month * 4, 25, ""),
+        (month / Decimal("0.85"), 85, "warn"),
+        (month / 2, 100, "full"),
+    ):
+        a.monthly_budget = budget.quantize(Decimal("0.01"))
+        a.save(update_fields=["monthly_budget"])
+        html = client.get("/dashboard/").content.decode()
+        status = selectors.budget_status(a)
+        shown = int(status["fraction"] * 100)
+        assert min(shown, 100) == min(int(month / a.monthly_budget * 100), 100)
+        assert abs(min(shown, 100) - percent) <= 1
+        bar = re.search(r'<div class="meter([^"]*)" id="budget-bar" role="progressbar"([^>]*)>', html)
+        assert bar, budget
+        assert bar.group(1).strip() == level
+        assert 'aria-valuemin="0"' in bar.group(2) and 'aria-valuemax="100"' in bar.group(2)
+        assert f'aria-valuenow="{min(shown, 100)}"' in bar.group(2)
+        figures = f"{charts.amount(status['spent'])} of {charts.amount(a.monthly_budget)} USD ({shown}%)"
+        assert f'aria-valuetext="{figures}"' in bar.group(2)
+        assert status["left"] == max(Decimal(0), a.monthly_budget - month)
+        assert f'<data value="{status["left"]:f}">{charts.amount(status["left"])}</data> USD left' in html
 
 
 def test_rollups_are_per_key_model_and_endpoint(usage_world):

@@ -1,5 +1,6 @@
 """Numbers as the consoles write them (the charts' own formatting): ``{{ n|number }}`` with
-thousands separators, ``{{ ratio|percent }}``, ``{{ ms|milliseconds }}``."""
+thousands separators, ``{{ ratio|percent }}``, ``{{ ms|milliseconds }}``, ``{{ decimal|money }}``
+(an amount of the currency: thousands separators, two decimals, more under a cent)."""
 
 from django import template
 
@@ -21,3 +22,8 @@ def percent(value):
 @register.filter
 def milliseconds(value):
     return charts.milliseconds(value)
+
+
+@register.filter
+def money(value):
+    return charts.amount(value)

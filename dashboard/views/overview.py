@@ -1,5 +1,6 @@
-"""The overview: this month against the quotas, and usage charts over a chosen range, broken down
-by key, model or endpoint (all from the daily rollups, never the query log)."""
+"""The overview: this month's use against the quotas and its spend against the budget, and usage
+and spend charts over a chosen range, broken down by key, model or endpoint (all from the daily
+rollups, never the query log)."""
 
 from datetime import UTC, datetime
 
@@ -18,6 +19,15 @@ def quota_bar(used: int, limit: int | None) -> dict:
         return {"used": used, "limit": None, "ratio": None, "percent": None}
     ratio = used / limit if limit else 1.0
     return {"used": used, "limit": limit, "ratio": ratio, "percent": min(100.0, ratio * 100)}
+
+
+def budget_bar(status: dict) -> dict | None:
+    """The budget's progress bar (``selectors.budget_status``): percent spent (the bar stops at 100),
+    None without a budget."""
+    if status["budget"] is None:
+        return None
+    fraction = status["fraction"]
+    return {"percent": min(100, int(fraction * 100)), "spent_percent": int(fraction * 100), "level": status["level"]}
 
 
 @login_required
@@ -43,10 +53,9 @@ def overview(request):
             }
         )
     data = selectors.usage_breakdown(start=view.start, end=view.end, by=view.by, tenant_id=tenant.pk)
-    # SPEND (to come, from the `spend` column of the rollups): this month's spend against the
-    # tenant's budget as a progress bar (``quota_bar(spend, budget)``), and a spend chart per day
-    # in ``charts`` below. Nothing is shown until that data exists: ``spend`` stays None.
-    spend = None
+    budget = selectors.budget_status(tenant, at=now)  # this month's spend against the tenant's budget
+    charts = usage_charts.breakdown_charts(data)
+    charts.append(usage_charts.spend_chart(data, currency=budget["currency"]))
     return render(
         request,
         "dashboard/overview.html",
@@ -57,12 +66,13 @@ def overview(request):
             month=month,
             day=day,
             keys=keys,
-            spend=spend,
+            budget=budget,
+            budget_bar=budget_bar(budget),
             view=view,
             presets=usage_charts.PRESETS,
             breakdowns=usage_charts.BREAKDOWN_NAMES,
             data=data,
-            charts=usage_charts.breakdown_charts(data),
+            charts=charts,
         ),
         status=400 if view.errors else 200,
     )
