@@ -13,6 +13,7 @@ MAX_DAYS = 366
 BREAKDOWN_NAMES = {"key": "key", "model": "model", "endpoint": "endpoint"}
 DEFAULT_BREAKDOWN = "key"
 SPEND_BREAKDOWNS = {"tenant": "tenant", "model": "model"}  # the admin's spend page
+SPEND_DEFAULT = "tenant"
 
 
 @dataclass(frozen=True)

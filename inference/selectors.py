@@ -442,7 +442,8 @@ def usage_per_key(tenant_id, *, month_start, today) -> dict:
 
 def usage_per_key_and_day(tenant_id, since) -> dict:
     """A tenant's daily rollups from ``since`` (a date) on, per key: ``{api_key_id: {date:
-    {"requests", "tokens"}}}`` (days without usage left out). One query, whatever the number of keys."""
+    {"requests", "tokens", "spend"}}}`` (days without usage left out; ``spend`` a ``Decimal``). One
+    query, whatever the number of keys."""
     from django.db.models import F, Sum
 
     from inference.models import UsageDaily
@@ -450,11 +451,15 @@ def usage_per_key_and_day(tenant_id, since) -> dict:
     rows = (
         UsageDaily.objects.filter(tenant_id=tenant_id, date__gte=since, api_key__isnull=False)
         .values("api_key_id", "date")
-        .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
+        .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")), spend=Sum("spend"))
     )
     per_key: dict = {}
     for row in rows:
-        per_key.setdefault(row["api_key_id"], {})[row["date"]] = {"requests": row["requests"], "tokens": row["tokens"]}
+        per_key.setdefault(row["api_key_id"], {})[row["date"]] = {
+            "requests": row["requests"],
+            "tokens": row["tokens"],
+            "spend": money.quantized(row["spend"]),
+        }
     return per_key
 
 
@@ -493,23 +498,6 @@ def _rollups_between(since, until):
     from inference.models import UsageDaily
 
     return UsageDaily.objects.filter(date__gte=since, date__lte=until)
-
-
-def spend_series(since, until, tenant_id=None) -> list[dict]:
-    """Spend per day from ``since`` to ``until`` (dates; days without spend included)."""
-    from datetime import timedelta
-
-    from django.db.models import Sum
-
-    rows = _rollups_between(since, until)
-    if tenant_id is not None:
-        rows = rows.filter(tenant_id=tenant_id)
-    by_day = dict(rows.values_list("date").annotate(s=Sum("spend")).order_by())
-    series, day = [], since
-    while day <= until:
-        series.append({"date": day, "spend": money.quantized(by_day.get(day))})
-        day += timedelta(days=1)
-    return series
 
 
 def spend_by_tenant(since, until, at=None) -> list[dict]:

@@ -706,7 +706,8 @@ def test_the_admin_spend_page_and_csv_are_for_staff_and_match_the_rollups():
     assert f'<data value="{ranged(c)}">' not in client.get("/admin/spend/?days=7").content.decode()
     custom = client.get(f"/admin/spend/?from={since - timedelta(days=20)}&to={since}").content.decode()
     assert '<data value="7.000000000">' in custom
-    assert "must be two dates" in client.get("/admin/spend/?from=2026-13-01").content.decode()
+    refused = client.get("/admin/spend/?from=2026-13-01")
+    assert refused.status_code == 400 and "A custom range needs both dates" in refused.content.decode()
     # linked from every admin page
     assert b'href="/admin/spend/"' in client.get("/admin/").content
 
@@ -723,6 +724,83 @@ def test_the_admin_spend_page_and_csv_are_for_staff_and_match_the_rollups():
             assert by[(tenant.slug, month)]["currency"] == "USD"
     assert len(table) == len({(r.tenant_id, r.date.strftime("%Y-%m")) for r in UsageDaily.objects.all()})
     assert by[(a.slug, timezone.now().strftime("%Y-%m"))]["budget"] == "100.000000000"
+
+
+def test_the_admin_spend_page_ranges_and_breakdowns_by_tenant_and_model():
+    """The spend page reads ``?range=``, ``?from=&to=`` and ``?by=tenant|model`` as the usage page
+    does (dashboard/usage_charts.parse): its chart and total are the rollups' spend of the settled
+    queries; bad input is a message (400), never a 500."""
+    from dashboard import charts
+
+    first, second = _tenant(monthly_budget=D("1000")), _tenant()
+    ka, _ = accounts.create_api_key(first, "ka")
+    kb, _ = accounts.create_api_key(second, "kb")
+    _price("1000", "2000", "0.5")
+    _price("10", "20", "0", model="other-model")
+    now = timezone.now()
+    for key, days_ago, model in ((ka, 0, MODEL), (ka, 2, "other-model"), (kb, 5, MODEL), (kb, 20, "other-model")):
+        query = _finished(
+            key,
+            created_at=now - timedelta(days=days_ago),
+            prompt_tokens=1234,
+            completion_tokens=567,
+            images=1,
+            model=model,
+        )
+        assert query.cost > 0
+    today = timezone.now().astimezone(UTC).date()
+    staff = get_user_model().objects.create_superuser("spend-ranges", password="pw-123456789")
+    client = Client()
+    client.force_login(staff)
+
+    def spend(since, until, **match):
+        rows = UsageDaily.objects.filter(date__gte=since, date__lte=until, **match)
+        return sum((r.spend for r in rows), D(0)).quantize(D("1e-9"))
+
+    week = today - timedelta(days=6)
+    page = client.get("/admin/spend/?range=7&by=model")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Spend, last 7 days" in html and "Spend per day (USD), by model, all tenants" in html
+    assert f'<p id="spend-total">Total: <data value="{spend(week, today)}">' in html
+    assert spend(week, today) == spend(week, today, model=MODEL) + spend(week, today, model="other-model")
+    for model in (MODEL, "other-model"):
+        for row in UsageDaily.objects.filter(date__gte=week, model=model):
+            day_spend = spend(row.date, row.date, model=model)
+            assert f"<title>{row.date.isoformat()} · {model}: {charts.amount(day_spend)} USD" in html, (model, row.date)
+    # by tenant (the default), 30 days: each tenant's spend per day in its segments
+    html = client.get("/admin/spend/?range=30").content.decode()
+    assert "Spend per day (USD), by tenant, all tenants" in html
+    for tenant in (first, second):
+        for row in UsageDaily.objects.filter(tenant=tenant, date__gte=today - timedelta(days=29)):
+            day_spend = spend(row.date, row.date, tenant=tenant)
+            assert f"<title>{row.date.isoformat()} · {tenant.name}: {charts.amount(day_spend)} USD" in html
+    assert 'id="usage-range"' in html and 'id="usage-by"' in html  # the usage page's form
+    # a custom range: only the query of 20 days ago
+    since, until = today - timedelta(days=25), today - timedelta(days=15)
+    custom = client.get(f"/admin/spend/?range=custom&from={since}&to={until}&by=model")
+    assert custom.status_code == 200
+    html = custom.content.decode()
+    assert f"Spend, {since} to {until}" in html and spend(since, until) == spend(since, until, model="other-model") > 0
+    assert f'<p id="spend-total">Total: <data value="{spend(since, until)}">' in html
+    assert f"<title>{(now - timedelta(days=20)).astimezone(UTC).date().isoformat()}: " in html  # one group: no "of"
+    # the older links still work
+    assert client.get("/admin/spend/?days=90").status_code == 200
+    bad = {
+        "range=banana": "“banana” is not a range",
+        "from=2026-02-30&to=2026-03-01": "“2026-02-30” is not a date for “from”",
+        "by=key": "“key” is not a breakdown: choose tenant or model.",
+        "by=%3Cb%3E": "“&lt;b&gt;” is not a breakdown",
+        f"from={today}&to={today + timedelta(days=1)}": "ends in the future",
+        f"from={today}&to={today - timedelta(days=3)}": "swap the dates",
+    }
+    for query, message in bad.items():
+        page = client.get(f"/admin/spend/?{query}")
+        assert page.status_code == 400, query
+        html = page.content.decode()
+        assert 'id="usage-errors"' in html and message in html, query
+        assert "Showing the last 30 days by tenant instead." in html, query
+        assert f'<data value="{spend(today - timedelta(days=29), today)}">' in html, query
 
 
 def test_the_spend_page_and_the_banner_in_a_browser(live_stack):

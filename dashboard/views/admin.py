@@ -1,6 +1,6 @@
 """The operators' pages beside Django's admin: usage and spend across tenants, and a query's images."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
@@ -60,79 +60,38 @@ def admin_usage(request):
     )
 
 
-def spend_range(params) -> tuple:
-    """(since, until, days, custom) from ``?days=7|30|90`` (or any 1..366) or ``?from=&to=``
-    (ISO dates, at most 366 days apart); 30 days by default. A malformed range falls back to 30
-    days and says so."""
-    from datetime import date
-
-    today = datetime.now(UTC).date()
-    error = ""
-    if params.get("from") or params.get("to"):
-        try:
-            since = date.fromisoformat(params.get("from") or "")
-            until = date.fromisoformat(params.get("to") or "") if params.get("to") else today
-            if until < since or (until - since).days > 365:
-                raise ValueError
-            return since, until, (until - since).days + 1, True, ""
-        except ValueError:
-            error = "The custom range must be two dates (from before to), at most 366 days apart; showing 30 days."
-    try:
-        days = max(1, min(int(params.get("days", 30)), 366))
-    except ValueError:
-        days = 30
-    return today - timedelta(days=days - 1), today, days, False, error
-
-
 @staff_member_required
 def admin_spend(request):
-    """Spend across tenants, keys and models from the daily rollups, with budgets (the tenants at
-    80 % or more of theirs first) and every model's price history."""
+    """Spend across tenants, keys and models from the daily rollups, over a chosen range (the usage
+    page's form, ``usage_charts.parse``) and broken down by tenant or by model; budgets (the tenants
+    at 80 % or more of theirs first) and every model's price history."""
     from django.conf import settings
 
-    since, until, days, custom, error = spend_range(request.GET)
-    series = selectors.spend_series(since, until)
-    tenants = selectors.spend_by_tenant(since, until)
+    today = datetime.now(UTC).date()
+    view = usage_charts.parse(
+        request.GET, today=today, breakdowns=usage_charts.SPEND_BREAKDOWNS, default_by=usage_charts.SPEND_DEFAULT
+    )
     currency = settings.CURRENCY
-    charts = [
-        bar_chart(
-            [(str(p["date"]), float(p["spend"])) for p in series],
-            title=f"Spend per day, all tenants ({currency})",
-            color="#2a7d2a",
-        )
-    ]
-    per_tenant = [
-        (
-            t,
-            bar_chart(
-                [(str(p["date"]), float(p["spend"])) for p in selectors.spend_series(since, until, t["tenant"].pk)],
-                title=f"{t['tenant'].name}: spend per day ({currency})",
-                color="#2a7d2a",
-                height=80,
-            ),
-        )
-        for t in [t for t in tenants if t["tenant"] is not None and t["spend"] > 0][:10]
-    ]
+    data = selectors.usage_breakdown(start=view.start, end=view.end, by=view.by, top=8, rank_by="spend")
     return render(
         request,
         "admin/spend.html",
         {
             **admin.site.each_context(request),
-            "title": f"Spend, {since} to {until}",
-            "since": since,
-            "until": until,
-            "days": days,
-            "custom": custom,
-            "range_error": error,
+            "title": f"Spend, {view.description}",
+            "view": view,
+            "presets": usage_charts.PRESETS,
+            "breakdowns": usage_charts.SPEND_BREAKDOWNS,
             "currency": currency,
-            "total": sum((p["spend"] for p in series), money.ZERO),
-            "charts": charts,
-            "tenants": tenants,
-            "per_tenant": per_tenant,
-            "keys": selectors.spend_by_key(since, until),
-            "models": selectors.spend_by_model(since, until),
+            "data": data,
+            "total": data["summary"]["spend"],
+            "charts": [usage_charts.spend_chart(data, currency=currency, scope="all tenants")],
+            "tenants": selectors.spend_by_tenant(view.start, view.end),
+            "keys": selectors.spend_by_key(view.start, view.end),
+            "models": selectors.spend_by_model(view.start, view.end),
             "prices": selectors.price_history(),
         },
+        status=400 if view.errors else 200,
     )
 
 
