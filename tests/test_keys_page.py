@@ -104,6 +104,46 @@ def test_each_key_shows_last_use_and_this_months_use_from_the_rollups(world):
     assert 'data-points="30"' in row and "8 requests in the last 30 days, at most 5 a day" in row
 
 
+@pytest.mark.django_db
+def test_each_key_shows_its_spend_this_month_and_what_is_left_of_its_budget(world):
+    """Queries priced and settled as a worker settles them (runner.settle): each key's spend this
+    month is its rollups' spend; a key with a budget says what is left of it."""
+    from decimal import Decimal
+
+    from inference.models import ModelPrice
+    from tests.test_overview import settled_query
+
+    key, tenant = world["key"], world["tenant"]
+    budgeted, _ = services.create_api_key(tenant, "budgeted", monthly_budget=Decimal("5"))
+    ModelPrice.objects.create(
+        model="glm-a",
+        input_per_million=Decimal("100"),
+        output_per_million=Decimal("300"),
+        effective_from=datetime.now(UTC) - timedelta(days=90),
+    )
+    first = settled_query(key, endpoint=Query.Endpoint.QUERIES, model="glm-a", prompt=1000, completion=500)
+    spent = settled_query(budgeted, endpoint=Query.Endpoint.QUERIES, model="glm-a", prompt=12345, completion=678)
+    settled_query(budgeted, endpoint=Query.Endpoint.QUERIES, model="glm-a", days_ago=40, prompt=9999, completion=9)
+    assert (first.cost, spent.cost) == (Decimal("0.25"), Decimal("1.4379"))
+    month_start = datetime.now(UTC).date().replace(day=1)
+
+    def month_spend(api_key):
+        rows = UsageDaily.objects.filter(api_key=api_key, date__gte=month_start)
+        return sum((r.spend for r in rows), Decimal(0))
+
+    page = _client(world["keys-member"]).get("/dashboard/keys/").content.decode()
+    row = re.search(rf'<tr data-key="{key.pk}">(.*?)</tr>', page, re.S).group(1)
+    assert month_spend(key) == first.cost
+    assert f'<span class="month-spend"><data value="{first.cost:f}">0.25</data> USD</span> spent' in row
+    assert "key-budget" not in row  # no budget of its own
+    row = re.search(rf'<tr data-key="{budgeted.pk}">(.*?)</tr>', page, re.S).group(1)
+    assert month_spend(budgeted) == spent.cost  # last month's query is not this month's spend
+    assert f'<span class="month-spend"><data value="{spent.cost:f}">1.44</data> USD</span> spent' in row
+    left = Decimal(5) - spent.cost
+    assert "of a budget of 5.00:" in row
+    assert f'<span class="budget-left"><data value="{left:f}">3.56</data> USD</span> left' in row
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_examples_shown_with_a_new_key_run_as_shown(world, live_stack, tmp_path):
     """Sign in to the live stack over HTTP, create a key, and run the curl and Python examples the

@@ -1,9 +1,10 @@
-"""API keys: list (with each key's use this month and a sparkline of the last 30 days, from the
-rollups) and create (the secret shown once, with examples of calling the API with it), edit,
-revoke (after a confirmation page), delete a key's queries."""
+"""API keys: list (with each key's use and spend this month, what is left of its budget, and a
+sparkline of the last 30 days, from the rollups) and create (the secret shown once, with examples
+of calling the API with it), edit, revoke (after a confirmation page), delete a key's queries."""
 
 from datetime import UTC, datetime, timedelta
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
@@ -11,6 +12,7 @@ from django.views.decorators.http import require_POST
 
 from accounts import dashboard, quotas, services
 from accounts.forms import KeyForm
+from config import money
 from dashboard import charts, examples
 from dashboard.views.common import page_context, require_owner
 from inference import privacy, selectors
@@ -37,6 +39,8 @@ def key_list(request):
     today = datetime.now(UTC).date()  # the rollups' days are UTC days
     month_start, first_day = today.replace(day=1), today - timedelta(days=SPARKLINE_DAYS - 1)
     usage = selectors.usage_per_key_and_day(membership.tenant_id, min(month_start, first_day))
+    # What is left of each budgeted key's monthly budget (the same figures as the banner's).
+    budgets = {entry["key"].pk: entry for entry in selectors.budget_status(membership.tenant)["keys"]}
     days = [first_day + timedelta(days=n) for n in range(SPARKLINE_DAYS)]
     rows = []
     for api_key in api_keys:
@@ -52,6 +56,8 @@ def key_list(request):
                 "expired": api_key.is_expired(),
                 "month_requests": sum(c["requests"] for c in month),
                 "month_tokens": sum(c["tokens"] for c in month),
+                "month_spend": sum((c["spend"] for c in month), money.ZERO),
+                "budget": budgets.get(api_key.pk),
                 "sparkline": charts.sparkline(
                     requests,
                     title=f"{api_key.name}: {sum(requests):,} requests in the last {SPARKLINE_DAYS} days, "
@@ -59,7 +65,7 @@ def key_list(request):
                 ),
             }
         )
-    context = page_context(request, membership, form=form, new_key=new_key, rows=rows)
+    context = page_context(request, membership, form=form, new_key=new_key, rows=rows, currency=settings.CURRENCY)
     if new_key:
         models = inference_services.served_models()
         context["examples"] = examples.examples(
