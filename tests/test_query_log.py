@@ -236,6 +236,41 @@ def test_the_detail_shows_the_whole_conversation_with_its_images_in_place(world)
     assert "Everything is kept." in page and 'id="not-kept"' not in page
 
 
+def test_the_log_and_the_detail_show_each_querys_cost_or_that_it_is_not_settled(world):
+    """A query's cost is what settling it (runner.settle, the worker's step) stored, at its model's
+    price: in the log's cost column and in the detail, with the currency; before it is settled, the
+    detail says so."""
+    from decimal import Decimal
+
+    from inference import runner
+    from inference.models import ModelPrice
+
+    key = world["a"]["key"]
+    pending = _query(key, prompt="still running", status=Query.Status.RUNNING)
+    ModelPrice.objects.create(
+        model=pending.model,
+        input_per_million=Decimal("1000"),
+        output_per_million=Decimal("2000"),
+        per_image=Decimal("0.5"),
+        effective_from=datetime.now(UTC) - timedelta(days=1),
+    )
+    done = _query(key, prompt="priced", finished_at=datetime.now(UTC))
+    assert runner.settle(done.pk)
+    done.refresh_from_db()
+    assert done.cost == Decimal("0.52") and pending.cost is None  # 10 x 1000/M + 5 x 2000/M + 1 image x 0.5
+    client = _client(world["a"]["member"])
+    log = client.get("/dashboard/queries/").content.decode()
+    assert '<th scope="col">Cost (USD)</th>' in log
+    row = re.search(rf'<tr data-query="{done.pk}">(.*?)</tr>', log, re.S).group(1)
+    assert f'<td class="cost"><data value="{done.cost:f}">0.52</data></td>' in row
+    row = re.search(rf'<tr data-query="{pending.pk}">(.*?)</tr>', log, re.S).group(1)
+    assert '<td class="cost"><span class="muted" title="not settled yet">–</span></td>' in row
+    detail = client.get(f"/dashboard/queries/{done.pk}/").content.decode()
+    assert f'<dd id="query-cost"><data value="{done.cost:f}">0.52</data> USD</dd>' in detail
+    detail = client.get(f"/dashboard/queries/{pending.pk}/").content.decode()
+    assert re.search(r'<dd id="query-cost"><span class="muted">not settled yet</span>', detail)
+
+
 def test_no_images_mode_keeps_the_conversation_and_says_the_images_are_not_kept(world):
     query = _detailed(world["a"]["key"], PrivacyMode.NO_IMAGES)
     page = _client(world["a"]["owner"]).get(f"/dashboard/queries/{query.pk}/").content.decode()

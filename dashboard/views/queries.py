@@ -58,6 +58,7 @@ def query_list(request):
             models=model_choices,
             api_keys=api_keys,
             policy=privacy.tenant_policy(tenant),
+            currency=settings.CURRENCY,
         ),
     )
     if problems:
@@ -96,6 +97,7 @@ def query_detail(request, query_id):
             content_shown=content_shown,
             images_shown=images_shown,
             kept=privacy.kept(query),
+            currency=settings.CURRENCY,
         ),
     )
 
