@@ -254,7 +254,8 @@ def test_the_log_and_the_detail_show_each_querys_cost_or_that_it_is_not_settled(
         per_image=Decimal("0.5"),
         effective_from=datetime.now(UTC) - timedelta(days=1),
     )
-    done = _query(key, prompt="priced", finished_at=datetime.now(UTC))
+    done = _query(key, prompt="priced")
+    Query.objects.filter(pk=done.pk).update(finished_at=done.created_at + timedelta(seconds=1))
     assert runner.settle(done.pk)
     done.refresh_from_db()
     assert done.cost == Decimal("0.52") and pending.cost is None  # 10 x 1000/M + 5 x 2000/M + 1 image x 0.5
