@@ -6,6 +6,7 @@ breakdown, axe-core, 390 px)."""
 
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 from django.http import QueryDict
@@ -51,12 +52,8 @@ def usage_world(db):
     return _usage_world()
 
 
-@pytest.fixture
-def priced_world(db):
-    """``usage_world`` with prices for both models (in effect since before the queries were made):
-    each query's cost is settled by runner.settle and added to the rollups' spend."""
-    from decimal import Decimal
-
+def _prices():
+    """Prices for both models, in effect since before any query of these tests was made."""
     from inference.models import ModelPrice
 
     since = datetime.now(UTC) - timedelta(days=40)
@@ -66,6 +63,13 @@ def priced_world(db):
     ModelPrice.objects.create(
         model="glm-b", input_per_million=Decimal("0.3"), output_per_million=Decimal("0.9"), effective_from=since
     )
+
+
+@pytest.fixture
+def priced_world(db):
+    """``usage_world`` with prices for both models: each query's cost is settled by runner.settle
+    and added to the rollups' spend."""
+    _prices()
     return _usage_world()
 
 
@@ -110,8 +114,6 @@ def _expected(queries, day, keep=lambda q: True) -> dict:
 
 @pytest.mark.parametrize("by", ["key", "model", "endpoint"])
 def test_the_breakdown_sums_the_rollups_spend(priced_world, by):
-    from decimal import Decimal
-
     queries, a = priced_world["queries"], priced_world["a"]
     assert any(q.cost > 1 for q in queries)  # the prices make some of them cost more than a unit
     data = selectors.usage_breakdown(start=TODAY - timedelta(days=6), end=TODAY, by=by, tenant_id=a.pk)
@@ -136,8 +138,6 @@ def test_the_breakdown_sums_the_rollups_spend(priced_world, by):
 
 
 def test_the_overview_shows_spend_per_breakdown_and_the_budget_bar(priced_world):
-    from decimal import Decimal
-
     a = priced_world["a"]
     owner = services.create_user("owner-spend", password="pw-12345678")
     services.add_member(a, owner, Membership.Role.OWNER)
@@ -432,6 +432,7 @@ def browser_world(transactional_db):
     staff.is_staff = staff.is_superuser = True
     staff.save()
     key, _ = services.create_api_key(tenant, "charted")
+    _prices()
     E = Query.Endpoint
     for n in range(12):
         settled_query(
@@ -444,6 +445,8 @@ def browser_world(transactional_db):
             prompt=1000 + n,
             completion=37 * n,
         )
+    tenant.monthly_budget = Decimal("100")  # set after the queries: no admission was refused for it
+    tenant.save(update_fields=["monthly_budget"])
     return {"tenant": tenant, "key": key}
 
 
@@ -497,6 +500,26 @@ def test_the_overview_in_a_browser(browser_world, live_stack, browser_context): 
         )
     )
     expect(page.locator("#key-quotas")).to_contain_text(f"{month_tokens:,} of {tenant.tokens_per_month:,}")
+    # The spend chart (the last one): today's segment says the rollups' spend, with the currency.
+    spend_bar = page.locator("#charts svg.chart-bars").last.locator(f'rect.bar[data-date="{TODAY.isoformat()}"]').first
+    spend_bar.hover()
+    spend_text = spend_bar.locator("title").text_content()
+    spent = re.fullmatch(rf"{TODAY.isoformat()} · (.+): ([\d,.]+) USD \(of ([\d,.]+)\)", spend_text)
+    assert spent, spend_text
+    spend_endpoint = next(value for value, name in Query.Endpoint.choices if name == spent.group(1))
+
+    def stored_spend():
+        rows = UsageDaily.objects.filter(tenant=tenant, date=TODAY)
+        return (
+            sum((r.spend for r in rows if r.endpoint == spend_endpoint), Decimal(0)),
+            sum((r.spend for r in rows), Decimal(0)),
+        )
+
+    assert (spent.group(2), spent.group(3)) == tuple(charts.amount(amount) for amount in from_db(stored_spend))
+    # This month's spend against the budget: the progress bar's value.
+    fraction = from_db(lambda: selectors.budget_status(tenant)["fraction"])
+    expect(page.locator("#budget-bar")).to_have_attribute("aria-valuenow", str(min(100, int(fraction * 100))))
+    expect(page.locator("#budget-figures")).to_contain_text(f"of 100.00 USD spent ({int(fraction * 100)}%)")
     # Timestamps in the viewer's time zone (the script replaced the server's UTC text).
     stamp = page.locator("#today time")
     expect(stamp).to_contain_text("GMT+5:30")
