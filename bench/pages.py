@@ -304,6 +304,8 @@ def main():
             ("admin", "/admin/usage/?days=90"),
             ("admin", "/admin/usage/?range=90&by=key"),
             ("admin", "/admin/usage/?range=90&by=endpoint"),
+            ("admin", "/admin/spend/"),
+            ("admin", "/admin/spend/?range=90&by=model"),
             ("admin", "/admin/inference/query/"),
             ("admin", "/admin/inference/query/?p=50"),
             ("admin", f"/admin/inference/query/?tenant__id__exact={acme.pk}"),
