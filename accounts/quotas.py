@@ -26,6 +26,7 @@ import redis
 from django.conf import settings
 
 from config.errors import ApiError
+from config.ids import uuid7
 from config.redis import client as redis_client
 from config.redis import key as redis_key
 
@@ -552,7 +553,7 @@ def admit(api_key, *, prompt=None, max_tokens=None, images: int = 1) -> Admissio
     """Admit one request of ``api_key`` (``images`` images) or raise 429 (``rate_limited`` / ``quota_exceeded``)."""
     limits = Limits.of(api_key)
     at = datetime.now(UTC)
-    admission_id = uuid.uuid4()
+    admission_id = uuid7(at)  # the query's id too: time-ordered (config/ids.py), 74 random bits
     reserve = reservation(prompt, max_tokens, images)
     try:
         verdict, snap = backend().admit(api_key.pk, limits, reserve, admission_id.hex, at)

@@ -14,6 +14,7 @@ synthetic (no model ran): this measures the pages' queries and rendering, not in
 import argparse
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import time
 import urllib.request
 from importlib import import_module
 
-from _common import REPO, fresh_database, spread  # noqa: E402
+from _common import BENCH_DATABASE_URL, BENCH_DB, REPO, fresh_database, spread  # noqa: E402
 
 TENANTS = [("acme", 0.55), ("globex", 0.25), ("initech", 0.15), ("umbrella", 0.05)]
 DAYS = 90
@@ -73,7 +74,13 @@ def add_rows(rows: int, first: int) -> None:
                 answer, reasoning, tool_calls, choices, finish_reason, prompt_tokens, completion_tokens,
                 error_code, error_message, client_ip, user_agent, worker, request_id, reserved_tokens, settled_at,
                 created_at, started_at, first_token_at, finished_at)
-            SELECT gen_random_uuid(), keys.tenant_id, keys.key_id, 'glm-4.6v-flash',
+            SELECT
+                -- a UUIDv7 of the row's created_at, as config.ids.uuid7 makes them (48-bit ms, version 7,
+                -- variant 10, random bits)
+                (lpad(to_hex((extract(epoch FROM rows.created) * 1000)::bigint), 12, '0') || '7'
+                    || substr(md5(g::text || 'id'), 1, 3) || substr('89ab', 1 + (g %% 4), 1)
+                    || substr(md5(g::text || 'id'), 4, 15))::uuid,
+                keys.tenant_id, keys.key_id, 'glm-4.6v-flash',
                 (ARRAY['glm_infer','chat_completions','queries','websocket'])[1 + (g %% 4)],
                 CASE WHEN rows.s < 0.03 THEN 'failed' ELSE 'succeeded' END,
                 'Question number ' || g || ': what is in this picture?',
@@ -164,22 +171,102 @@ def _bucket_bounds():
     return bounds
 
 
-def time_inserts(count: int) -> list[float]:
+def time_inserts(count: int, *, ids: str = "v7") -> list[float]:
     """Seconds each of ``count`` queries takes to be written through the admission path
     (``services.accept``: the row, its indexes, the commit), text-only so that the image's PNG
-    encoding does not hide the table's cost."""
+    encoding does not hide the table's cost. Each insert runs under a request id as a request
+    would (generated: the request_id index gets one too). ``ids="v4"`` gives the rows random UUID4
+    ids, as before time-ordered ids (config/ids.py), for comparison."""
+    import uuid
+
     from accounts.models import ApiKey
+    from config import request_id
     from inference import services
     from inference.models import Query
 
     api_key = ApiKey.objects.select_related("tenant").filter(tenant__slug="acme").first()
     data = services.check_input(prompt="How long does this insert take?")
+    pk = Query._meta.pk
+    default = pk.default
+    pk.default = uuid.uuid4 if ids == "v4" else default
     times = []
-    for _ in range(count):
-        started = time.perf_counter()
-        services.accept(api_key, data, endpoint=Query.Endpoint.QUERIES)
-        times.append(time.perf_counter() - started)
+    try:
+        for _ in range(count):
+            token = request_id._current.set(request_id.choose(None))
+            started = time.perf_counter()
+            services.accept(api_key, data, endpoint=Query.Endpoint.QUERIES)
+            times.append(time.perf_counter() - started)
+            request_id._current.reset(token)
+    finally:
+        pk.default = default
     return times
+
+
+def index_io(run) -> tuple[object, list[tuple[str, int, int]]]:
+    """``run()``'s result and, per index of inference_query, the blocks it read from outside
+    shared_buffers (the OS cache or the disk) and found in shared_buffers meanwhile (pg_statio)."""
+    from django.db import connection
+
+    def snapshot():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(
+                "SELECT indexrelname, idx_blks_read, idx_blks_hit FROM pg_statio_user_indexes"
+                " WHERE relname = 'inference_query'"
+            )
+            return {name: (read, hit) for name, read, hit in cursor.fetchall()}
+
+    before = snapshot()
+    result = run()
+    # A backend flushes its statistics when a transaction ends at least 1 s after its last flush.
+    time.sleep(1.1)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    time.sleep(0.2)
+    after = snapshot()
+    rows = [
+        (name, after[name][0] - before.get(name, (0, 0))[0], after[name][1] - before.get(name, (0, 0))[1])
+        for name in after
+    ]
+    return result, sorted(rows, key=lambda r: -r[1])
+
+
+def trigram_index_present() -> bool:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('query_prompt_trgm') IS NOT NULL")
+        return cursor.fetchone()[0]
+
+
+def drop_trigram_index() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("DROP INDEX IF EXISTS query_prompt_trgm")
+
+
+def insert_figures(count: int, *, trigram: bool) -> list[tuple[str, list[float], list]]:
+    """Timed inserts at the log's present size, with UUIDv7 ids (now) and UUID4 ids (before
+    config/ids.py). Returns (label, times, index I/O) for each."""
+    from inference.models import Query
+
+    label = f"{Query.objects.count():>12,} rows, {'with' if trigram else 'no  '} trigram index"
+    figures = []
+    for ids in ("v7", "v4"):
+        times, io = index_io(lambda ids=ids: time_inserts(count, ids=ids))
+        figures.append((f"{label}, {ids} ids", times, io))
+    return figures
+
+
+def print_insert_figures(figures, count: int) -> None:
+    print(f"\ninserting a query (services.accept, text only), {count} each:")
+    for label, times, _io in figures:
+        print(f"  {label:<52} {spread(times, 1000)}   mean {sum(times) / len(times) * 1000:.2f} ms")
+    print("blocks each index read from outside shared_buffers during those inserts (read / hit):")
+    for label, _times, io in figures:
+        busy = ", ".join(f"{name} {read}/{hit}" for name, read, hit in io if read or hit > 2 * count)
+        print(f"  {label:<52} {busy}")
 
 
 def session_cookie(username: str) -> str:
@@ -203,12 +290,17 @@ def main():
         help="time inserts at --rows, grow the log to ROWS, time them again, then measure the pages there",
     )
     parser.add_argument("--inserts", type=int, default=1000, help="timed inserts at each size (with --grow-to)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure the log a previous run left in BENCH_DB (migrated to this checkout) instead of filling one",
+    )
     args = parser.parse_args()
     os.environ.setdefault("SECRET_KEY", "bench-only-secret-key-" + "x" * 40 + "-0123456789")
     os.environ.setdefault("IMAGE_STORAGE_DIR", tempfile.mkdtemp(prefix="sightline-bench-images-"))
 
     env = {
-        "DATABASE_URL": fresh_database(),
+        "DATABASE_URL": BENCH_DATABASE_URL if args.reuse else fresh_database(),
         "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
         "REDIS_KEY_PREFIX": "sightline-bench-pages",
         "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -218,13 +310,22 @@ def main():
     import django
 
     django.setup()
-    fill(args.rows)
-    if args.grow_to > args.rows:
-        from django.db import connection
+    from django.db import connection
 
-        from inference.models import Query
+    from inference.models import Query
 
-        inserts = {args.rows: time_inserts(args.inserts)}
+    figures = []
+    if args.reuse:
+        # The log a previous run left (same BENCH_DB): this checkout's migrations, then measure.
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, check=True)
+        print(f"reusing {BENCH_DB}: {Query.objects.count():,} query rows")
+        figures += insert_figures(args.inserts, trigram=trigram_index_present())
+    else:
+        fill(args.rows)
+    if args.grow_to > args.rows and not args.reuse:
+        figures += insert_figures(args.inserts, trigram=True)
+        drop_trigram_index()
+        figures += insert_figures(args.inserts, trigram=False)
         chunk, first = 1_000_000, args.rows + 1
         started = time.perf_counter()
         while first <= args.grow_to:
@@ -232,18 +333,19 @@ def main():
             add_rows(rows, first=first)
             first += rows
             print(f"  {first - 1:,} rows ({time.perf_counter() - started:.0f} s)", flush=True)
+        figures += insert_figures(args.inserts, trigram=False)
         finish_load()
-        print(f"grew the log to {args.grow_to:,} rows in {time.perf_counter() - started:.1f} s")
-        inserts[args.grow_to] = time_inserts(args.inserts)
+        print(f"grew the log to {args.grow_to:,} rows in {time.perf_counter() - started:.1f} s", flush=True)
+        figures += insert_figures(args.inserts, trigram=trigram_index_present())
+    if figures:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_total_relation_size('inference_query'), pg_indexes_size('inference_query')")
             total, indexes = cursor.fetchone()
         print(
             f"\ninference_query: {Query.objects.count():,} rows, {total / 1e9:.2f} GB ({indexes / 1e9:.2f} GB indexes)"
         )
-        print(f"inserting a query (services.accept, text only), {args.inserts} each:")
-        for size, times in inserts.items():
-            print(f"  at {size:>12,} rows: {spread(times, 1000)}   mean {sum(times) / len(times) * 1000:.2f} ms")
+        print_insert_figures(figures, args.inserts)
+        sys.stdout.flush()
 
     from accounts.models import ApiKey, Tenant
     from inference.models import Query
@@ -255,7 +357,9 @@ def main():
     old = Query.objects.filter(tenant=acme).order_by("-created_at").only("created_at")[min(50_000, args.rows // 10)]
     owner, admin = session_cookie("bench-owner"), session_cookie("bench-admin")
 
-    port = 8765
+    with socket.socket() as probe:  # a free port: other benchmarks may run beside this one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     web = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
