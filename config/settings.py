@@ -437,6 +437,10 @@ METADATA_HOLD_SECONDS = env_float("METADATA_HOLD_SECONDS", 300.0)
 PRUNE_INTERVAL_SECONDS = env_float("PRUNE_INTERVAL_SECONDS", 60.0)
 PRUNE_BATCH_SIZE = env_int("PRUNE_BATCH_SIZE", 500)
 PRUNE_PASS_SECONDS = env_float("PRUNE_PASS_SECONDS", 20.0)
+# A stored image no row refers to is deleted by the pruner once it is this old (a web process died
+# between writing it and committing its row; inference/imagestore.py, collect_orphans). Far longer
+# than any writer's transaction.
+ORPHAN_IMAGE_GRACE_SECONDS = env_float("ORPHAN_IMAGE_GRACE_SECONDS", 3600.0)
 
 # --- http -----------------------------------------------------------------------------------
 # A request body may be at most MAX_REQUEST_BYTES: the images a request may carry as base64 (4/3
