@@ -12,6 +12,7 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
+from config import request_id as request_ids
 from inference import chat, privacy, selectors
 from inference.models import Query, UsageDaily
 from inference.services import served_models
@@ -114,6 +115,19 @@ class CalendarQuerySet(models.QuerySet):
         raise ValueError(f"unsupported kind {kind!r}")
 
 
+class SearchedQuerySet(CalendarQuerySet):
+    """The admin's query list once a prompt search narrowed it. The date hierarchy asks for the
+    first and last matching rows (MIN/MAX of created_at): PostgreSQL answers those by walking the
+    created_at index from each end until a row matches, through every row that does not — most
+    of the log for a rare term (hundreds of ms at 10 M rows). A searched list's calendar spans the
+    whole log instead (two index lookups); a day with no match may be offered, as above."""
+
+    def aggregate(self, *args, **kwargs):
+        if not args and kwargs and all(isinstance(value, Min | Max) for value in kwargs.values()):
+            return self.model._default_manager.order_by().aggregate(**kwargs)
+        return super().aggregate(*args, **kwargs)
+
+
 class ModelFilter(admin.SimpleListFilter):
     """The served models (settings), not a SELECT DISTINCT over the query log."""
 
@@ -174,16 +188,22 @@ class QueryAdmin(admin.ModelAdmin):
         return False
 
     def get_search_results(self, request, queryset, search_term):
-        # A query id finds that query through the primary key; any other text searches the prompts
-        # (a trigram index on PostgreSQL, migration 0005). Django's own `=id` search would compare
-        # the id as text and read every row.
+        # A query id finds that query through the primary key, a request id (X-Request-ID, from a
+        # log line or a client's report) the queries of that request through its index; any other
+        # text searches the prompts (a trigram index on PostgreSQL, migration 0005). Django's own
+        # `=id` search would compare the id as text and read every row.
         term = search_term.strip()
         if not term:
             return queryset, False
         try:
             return queryset.filter(pk=uuid.UUID(term)), False
         except ValueError:
-            return queryset.filter(prompt__icontains=term), False
+            pass
+        if request_ids.VALID.fullmatch(term) and queryset.filter(request_id=term).exists():
+            return queryset.filter(request_id=term), False
+        searched = queryset.filter(prompt__icontains=term)
+        searched.__class__ = SearchedQuerySet
+        return searched, False
 
     @admin.display(description="id", ordering="id")
     def short_id(self, obj):
