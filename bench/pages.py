@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from importlib import import_module
 
 from _common import BENCH_DATABASE_URL, BENCH_DB, REPO, fresh_database, spread  # noqa: E402
 
@@ -58,8 +57,6 @@ def add_rows(rows: int, first: int) -> None:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        # A bulk load: the prompt trigram index (migration 0005) is built once after it, not row by row.
-        cursor.execute("DROP INDEX IF EXISTS query_prompt_trgm")
         cursor.execute("SELECT setseed(%s)", [0.42 if first == 1 else (first % 1000) / 1000])  # seeded data
         cursor.execute(
             """
@@ -111,7 +108,7 @@ def add_rows(rows: int, first: int) -> None:
 
 def finish_load() -> None:
     """After ``add_rows``: the rollups rebuilt from the whole log (as settling each query would have
-    written them), the trigram index built once, everything ANALYZEd."""
+    written them), everything ANALYZEd."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -134,9 +131,6 @@ def finish_load() -> None:
             GROUP BY day, tenant_id, api_key_id
             """
         )
-        cursor.execute("SET maintenance_work_mem = '1GB'")  # the index builds below, once
-        for statement in import_module("inference.migrations.0005_query_prompt_trigram").FORWARD:
-            cursor.execute(statement)
         cursor.execute("ANALYZE")
 
 
@@ -239,27 +233,12 @@ def index_io(run) -> tuple[object, list[tuple[str, int, int]]]:
     return result, sorted(rows, key=lambda r: -r[1])
 
 
-def trigram_index_present() -> bool:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('query_prompt_trgm') IS NOT NULL")
-        return cursor.fetchone()[0]
-
-
-def drop_trigram_index() -> None:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("DROP INDEX IF EXISTS query_prompt_trgm")
-
-
-def insert_figures(count: int, *, trigram: bool) -> list[tuple[str, list[float], list]]:
+def insert_figures(count: int) -> list[tuple[str, list[float], list]]:
     """Timed inserts at the log's present size, with UUIDv7 ids (now) and UUID4 ids (before
     config/ids.py). Returns (label, times, index I/O) for each."""
     from inference.models import Query
 
-    label = f"{Query.objects.count():>12,} rows, {'with' if trigram else 'no  '} trigram index"
+    label = f"{Query.objects.count():>12,} rows"
     figures = []
     for ids in ("v7", "v4"):
         times, io = index_io(lambda ids=ids: time_inserts(count, ids=ids))
@@ -304,6 +283,8 @@ def main():
         action="store_true",
         help="measure the log a previous run left in BENCH_DB (migrated to this checkout) instead of filling one",
     )
+    parser.add_argument("--finish", action="store_true", help="with --reuse: rebuild the rollups and ANALYZE first")
+    parser.add_argument("--no-pages", action="store_true", help="time the inserts only")
     args = parser.parse_args()
     os.environ.setdefault("SECRET_KEY", "bench-only-secret-key-" + "x" * 40 + "-0123456789")
     os.environ.setdefault("IMAGE_STORAGE_DIR", tempfile.mkdtemp(prefix="sightline-bench-images-"))
@@ -327,14 +308,14 @@ def main():
     if args.reuse:
         # The log a previous run left (same BENCH_DB): this checkout's migrations, then measure.
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, check=True)
-        print(f"reusing {BENCH_DB}: {Query.objects.count():,} query rows")
-        figures += insert_figures(args.inserts, trigram=trigram_index_present())
+        print(f"reusing {BENCH_DB}: {Query.objects.count():,} query rows", flush=True)
+        if args.finish:
+            finish_load()
+        figures += insert_figures(args.inserts)
     else:
         fill(args.rows)
     if args.grow_to > args.rows and not args.reuse:
-        figures += insert_figures(args.inserts, trigram=True)
-        drop_trigram_index()
-        figures += insert_figures(args.inserts, trigram=False)
+        figures += insert_figures(args.inserts)
         chunk, first = 1_000_000, args.rows + 1
         started = time.perf_counter()
         while first <= args.grow_to:
@@ -342,10 +323,9 @@ def main():
             add_rows(rows, first=first)
             first += rows
             print(f"  {first - 1:,} rows ({time.perf_counter() - started:.0f} s)", flush=True)
-        figures += insert_figures(args.inserts, trigram=False)
+        figures += insert_figures(args.inserts)
         finish_load()
         print(f"grew the log to {args.grow_to:,} rows in {time.perf_counter() - started:.1f} s", flush=True)
-        figures += insert_figures(args.inserts, trigram=trigram_index_present())
     if figures:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_total_relation_size('inference_query'), pg_indexes_size('inference_query')")
@@ -356,8 +336,9 @@ def main():
         print_insert_figures(figures, args.inserts)
         sys.stdout.flush()
 
+    if args.no_pages:
+        return
     from accounts.models import ApiKey, Tenant
-    from inference.models import Query
 
     acme = Tenant.objects.get(slug="acme")
     key = ApiKey.objects.filter(tenant=acme).first()
@@ -423,7 +404,14 @@ def main():
             ("admin", "/admin/inference/usagedaily/"),
             ("admin", "/admin/accounts/apikey/"),
             ("admin", "/admin/accounts/tenant/"),
-            ("admin", "/admin/inference/query/?q=number+123456"),  # free-text search (trigram index)
+            ("admin", "/admin/inference/query/?q=number+123456"),  # prompt search: the newest 50,000 queries
+            (
+                "admin",
+                f"/admin/inference/query/?created_at__year={newest.created_at.year}"
+                f"&created_at__month={newest.created_at.month}&q=number+123456",
+            ),
+            ("admin", "/admin/inference/query/?q=picture"),  # a common word: the newest 50 matches at once
+            ("admin", f"/admin/inference/query/?q={recent.request_id}"),  # a request id
             ("admin", "/metrics"),  # not a page, but read from the same tables
         ]
         print(

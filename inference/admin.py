@@ -1,8 +1,9 @@
 import csv
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from django.contrib import admin
+from django.conf import settings
+from django.contrib import admin, messages
 from django.core.paginator import Paginator
 from django.db import models
 from django.db.models import Max, Min
@@ -115,6 +116,25 @@ class CalendarQuerySet(models.QuerySet):
         raise ValueError(f"unsupported kind {kind!r}")
 
 
+def _picked_period(request):
+    """[start, end) of the year, month or day picked in the query list's date hierarchy, or None."""
+    try:
+        year = int(request.GET["created_at__year"])
+        month = int(request.GET.get("created_at__month") or 0)
+        day = int(request.GET.get("created_at__day") or 0)
+        start = datetime(year, month or 1, day or 1)
+    except (KeyError, ValueError, OverflowError):
+        return None
+    if day:
+        end = start + timedelta(days=1)
+    elif month:
+        end = datetime(year + (month == 12), month % 12 + 1, 1)
+    else:
+        end = datetime(year + 1, 1, 1)
+    zone = timezone.get_current_timezone()
+    return timezone.make_aware(start, zone), timezone.make_aware(end, zone)
+
+
 class SearchedQuerySet(CalendarQuerySet):
     """The admin's query list once a prompt search narrowed it. The date hierarchy asks for the
     first and last matching rows (MIN/MAX of created_at): PostgreSQL answers those by walking the
@@ -202,8 +222,31 @@ class QueryAdmin(admin.ModelAdmin):
         if request_ids.VALID.fullmatch(term) and queryset.filter(request_id=term).exists():
             return queryset.filter(request_id=term), False
         searched = queryset.filter(prompt__icontains=term)
+        start = self._prompt_search_start(request)
+        if start is not None:
+            searched = searched.filter(created_at__gte=start)
+            self.message_user(
+                request,
+                f"The prompt search read the newest {settings.ADMIN_PROMPT_SEARCH_ROWS:,} queries"
+                f"{' of the period picked' if _picked_period(request) else ''} (since "
+                f"{timezone.localtime(start):%Y-%m-%d %H:%M}). Pick a year, month or day in the calendar "
+                "to search older ones.",
+                messages.INFO,
+            )
         searched.__class__ = SearchedQuerySet
         return searched, False
+
+    def _prompt_search_start(self, request):
+        """The created_at of the ADMIN_PROMPT_SEARCH_ROWS-th newest query of the log (of the period
+        picked in the date hierarchy), None when there are fewer. A prompt search reads the rows
+        from there on, through the created_at index: a bounded read at any size of the log (a
+        trigram index's scan grows with the log: migration 0014)."""
+        window = Query.objects.order_by("-created_at")
+        period = _picked_period(request)
+        if period:
+            window = window.filter(created_at__gte=period[0], created_at__lt=period[1])
+        rows = settings.ADMIN_PROMPT_SEARCH_ROWS
+        return next(iter(window.values_list("created_at", flat=True)[rows - 1 : rows]), None)
 
     @admin.display(description="id", ordering="id")
     def short_id(self, obj):

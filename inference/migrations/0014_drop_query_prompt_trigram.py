@@ -1,0 +1,32 @@
+"""Drop the prompt trigram index of 0005. A trigram search reads the posting lists of every trigram
+of the term, and a term with a common word ("number 123456") reads lists as long as the log: at
+10 M rows the admin's search read ~17,000 index pages (597 ms). The admin's prompt search now
+reads a bounded window of the newest queries instead (inference/admin.py,
+ADMIN_PROMPT_SEARCH_ROWS), which needs no index; every insert no longer writes ~40 trigram
+entries, and the index's size (~8% of the query log's) is gone. PostgreSQL only; on SQLite (the
+embedded default) there was no index and this does nothing."""
+
+from django.db import migrations
+
+FORWARD = ["DROP INDEX IF EXISTS query_prompt_trgm"]
+# The extension stays (other databases' objects may use it); the way back rebuilds the index.
+BACKWARD = [
+    "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+    "CREATE INDEX IF NOT EXISTS query_prompt_trgm ON inference_query USING gin (upper(prompt) gin_trgm_ops)",
+]
+
+
+def _run(statements):
+    def run(apps, schema_editor):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        for statement in statements:
+            schema_editor.execute(statement)
+
+    return run
+
+
+class Migration(migrations.Migration):
+    dependencies = [("inference", "0013_query_time_ordered_id")]
+
+    operations = [migrations.RunPython(_run(FORWARD), _run(BACKWARD))]
