@@ -443,7 +443,7 @@ PRUNE_PASS_SECONDS = env_float("PRUNE_PASS_SECONDS", 20.0)
 ORPHAN_IMAGE_GRACE_SECONDS = env_float("ORPHAN_IMAGE_GRACE_SECONDS", 3600.0)
 # The admin's search by prompt text reads the newest this many queries of the log (of the year,
 # month or day picked in its calendar), never the whole log: its time is bounded at any size.
-ADMIN_PROMPT_SEARCH_ROWS = env_int("ADMIN_PROMPT_SEARCH_ROWS", 50_000)
+ADMIN_PROMPT_SEARCH_ROWS = env_int("ADMIN_PROMPT_SEARCH_ROWS", 20_000)
 
 # --- http -----------------------------------------------------------------------------------
 # A request body may be at most MAX_REQUEST_BYTES: the images a request may carry as base64 (4/3
