@@ -1,13 +1,17 @@
 from django.contrib import admin, messages
 
 from accounts import services
-from accounts.models import ApiKey, Membership, Tenant
+from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Tenant
+from config.admin_widgets import FORMFIELD_OVERRIDES
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(admin.StackedInline):
+    """Stacked, not tabular: a tabular inline's fields have no label of their own (axe-core)."""
+
     model = Membership
     extra = 0
     autocomplete_fields = ["user"]
+    readonly_fields = ["created_at"]
 
 
 @admin.register(Tenant)
@@ -29,6 +33,8 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [MembershipInline]
+    readonly_fields = ["created_at"]
+    formfield_overrides = FORMFIELD_OVERRIDES
 
     # Deleting a tenant deletes its queries and their stored images in batches
     # (inference.privacy.delete_tenant), never through Django's collector, which would load every
@@ -66,12 +72,15 @@ class MembershipAdmin(admin.ModelAdmin):
     list_filter = ["role", "tenant"]
     search_fields = ["user__username", "tenant__name"]
     autocomplete_fields = ["user", "tenant"]
+    readonly_fields = ["created_at"]
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are created by their tenants (dashboard) or the create_api_key command: the secret is
     shown once there. Here a key can be reviewed, given quota overrides, and revoked."""
+
+    formfield_overrides = FORMFIELD_OVERRIDES
 
     list_display = ["name", "tenant", "display_prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
     list_filter = ["tenant", ("revoked_at", admin.EmptyFieldListFilter)]
@@ -96,6 +105,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
 
+    def save_model(self, request, obj, form, change):
+        """Through the service, so the tenant's activity log records what changed and who changed it."""
+        changes = {name: form.cleaned_data[name] for name in form.changed_data}
+        services.edit_api_key(api_key=obj, actor=request.user, changes=changes)
+
     @admin.display(description="key")
     def display_prefix(self, obj):
         return f"sl_{obj.prefix}_…"
@@ -103,7 +117,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke the selected keys")
     def revoke(self, request, queryset):
         for api_key in queryset:
-            services.revoke_api_key(api_key)
+            services.revoke_api_key(api_key, actor=request.user)
         self.message_user(request, f"Revoked {queryset.count()} key(s).", messages.SUCCESS)
 
     @admin.action(description="Delete the selected keys' queries (rows and images; usage figures stay)")
@@ -116,3 +130,38 @@ class ApiKeyAdmin(admin.ModelAdmin):
             deleted += counts["queries"]
             objects += counts["objects"]
         self.message_user(request, f"Deleted {deleted} queries and {objects} stored images.", messages.SUCCESS)
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """Invitation links are created by tenant owners (dashboard, Members); only their hash is stored."""
+
+    list_display = ["id", "tenant", "role", "created_by", "created_at", "expires_at", "accepted_by", "revoked_at"]
+    list_filter = ["role", "tenant"]
+    readonly_fields = [f.name for f in Invitation._meta.fields if f.name != "token_hash"]
+    exclude = ["token_hash"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The tenants' activity logs, read-only."""
+
+    list_display = ["created_at", "tenant", "actor_name", "action", "target"]
+    list_filter = ["action", "tenant"]
+    search_fields = ["actor_name", "target"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -5,7 +5,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404
 
 from accounts import services
-from accounts.models import ApiKey, Membership
+from accounts.models import ApiKey, Invitation, Membership
 from config.errors import ApiError
 
 SESSION_TENANT = "dashboard_tenant_id"
@@ -46,6 +46,21 @@ def tenant_key(membership: Membership, key_id) -> ApiKey:
     if api_key is None:
         raise Http404("No such key.")
     return api_key
+
+
+def tenant_membership(membership: Membership, member_id) -> Membership:
+    """A membership of the tenant ``membership`` is looking at; 404 for any other."""
+    found = Membership.objects.select_related("user", "tenant").filter(tenant=membership.tenant, pk=member_id).first()
+    if found is None:
+        raise Http404("No such member.")
+    return found
+
+
+def tenant_invitation(membership: Membership, invitation_id) -> Invitation:
+    found = Invitation.objects.select_related("tenant").filter(tenant=membership.tenant, pk=invitation_id).first()
+    if found is None:
+        raise Http404("No such invitation.")
+    return found
 
 
 def check_overrides(tenant, overrides: dict) -> dict:

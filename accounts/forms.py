@@ -1,6 +1,7 @@
 from django import forms
+from django.contrib.auth.forms import UserCreationForm
 
-from accounts.models import ApiKey, Tenant
+from accounts.models import ApiKey, Membership, Tenant
 
 QUOTA_FIELDS = ["requests_per_minute", "requests_per_day", "tokens_per_month", "max_concurrent_requests"]
 
@@ -40,3 +41,18 @@ class PrivacyForm(forms.ModelForm):
             "content_retention_days": "Keep prompts and answers for (days)",
             "image_retention_days": "Keep images for (days)",
         }
+
+
+class InvitationForm(forms.Form):
+    """The role an invitation link gives (owners)."""
+
+    role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.MEMBER, label="Role")
+
+
+class RoleForm(forms.Form):
+    role = forms.ChoiceField(choices=Membership.Role.choices, label="Role")
+
+
+class InviteeForm(UserCreationForm):
+    """The account an invitee creates through the link: a free username and a password that passes
+    Django's password validators (AUTH_PASSWORD_VALIDATORS). Only checks: accounts.services creates."""

@@ -42,3 +42,8 @@ def parse_prefix(plaintext: str) -> str | None:
 
 def matches(plaintext: str, key_hash: str) -> bool:
     return hmac.compare_digest(hash_key(plaintext), key_hash)
+
+
+def generate_token() -> str:
+    """A one-time link's token (an invitation's): 43 URL-safe characters, stored only as its hash."""
+    return secrets.token_urlsafe(32)

@@ -130,3 +130,70 @@ class ApiKey(models.Model):
 
     def is_expired(self, now=None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+class Invitation(models.Model):
+    """A one-time link that makes whoever opens it a member of ``tenant`` with ``role``. Only the
+    SHA-256 of its token is stored (like an API key's); the token is shown once, at creation."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="invitations")
+    role = models.CharField(max_length=16, choices=Membership.Role.choices, default=Membership.Role.MEMBER)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"invitation to {self.tenant} as {self.role} ({self.state()})"
+
+    def state(self, now=None) -> str:
+        """``pending``, ``accepted``, ``revoked`` or ``expired``."""
+        if self.accepted_at is not None:
+            return "accepted"
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= (now or timezone.now()):
+            return "expired"
+        return "pending"
+
+
+class AuditEvent(models.Model):
+    """One change to a tenant's members, invitations or keys: who did what to what, and when."""
+
+    class Action(models.TextChoices):
+        INVITATION_CREATED = "invitation.created", "created an invitation"
+        INVITATION_REVOKED = "invitation.revoked", "revoked an invitation"
+        INVITATION_ACCEPTED = "invitation.accepted", "accepted an invitation"
+        ROLE_CHANGED = "member.role_changed", "changed a role"
+        MEMBER_REMOVED = "member.removed", "removed a member"
+        KEY_CREATED = "key.created", "created a key"
+        KEY_REVOKED = "key.revoked", "revoked a key"
+        KEY_EDITED = "key.edited", "edited a key"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="audit_events")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # The actor's username when it happened (kept if the user is deleted); blank: the system.
+    actor_name = models.CharField(max_length=150, blank=True)
+    action = models.CharField(max_length=32, choices=Action.choices)
+    target = models.CharField(max_length=200)
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="audit_tenant_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.actor_name or 'system'} {self.get_action_display()} {self.target}"

@@ -549,8 +549,9 @@ def _retry_after_ms(verdict: str, snap: Snapshot, at: datetime) -> int:
     return 1000  # a concurrent slot frees when a running query ends
 
 
-def admit(api_key, *, prompt=None, max_tokens=None, images: int = 1) -> Admission:
-    """Admit one request of ``api_key`` (``images`` images) or raise 429 (``rate_limited`` / ``quota_exceeded``)."""
+def admit(api_key, *, prompt=None, max_tokens=None, images: int = 1, model: str = "", endpoint: str = "") -> Admission:
+    """Admit one request of ``api_key`` (``images`` images) or raise 429 (``rate_limited`` / ``quota_exceeded``).
+    ``model`` and ``endpoint`` only label a refusal in the usage rollups."""
     limits = Limits.of(api_key)
     at = datetime.now(UTC)
     admission_id = uuid7(at)  # the query's id too: time-ordered (config/ids.py), 74 random bits
@@ -565,7 +566,7 @@ def admit(api_key, *, prompt=None, max_tokens=None, images: int = 1) -> Admissio
 
         code, what = _REFUSALS[verdict]
         retry_ms = max(1, _retry_after_ms(verdict, snap, at))
-        usage.record_rejection(api_key, code, at)
+        usage.record_rejection(api_key, code, at, model=model, endpoint=endpoint)
         limit = getattr(limits, verdict)
         message = f"This key's limit of {limit} {what} is reached; retry after {_duration(retry_ms)}."
         if verdict == "tokens_per_month":

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import timedelta
+from urllib.parse import quote
 
 from _common import BENCH_DATABASE_URL, BENCH_DB, REPO, fresh_database, spread  # noqa: E402
 
@@ -119,16 +121,16 @@ def finish_load() -> None:
         )
         cursor.execute(
             f"""
-            INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, requests, succeeded, failed, rejected,
-                prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
-            SELECT day, tenant_id, api_key_id, count(*), count(*) FILTER (WHERE status = 'succeeded'),
+            INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, model, endpoint, requests, succeeded,
+                failed, rejected, prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
+            SELECT day, tenant_id, api_key_id, model, endpoint, count(*), count(*) FILTER (WHERE status = 'succeeded'),
                 count(*) FILTER (WHERE status = 'failed'), 0, sum(prompt_tokens), sum(completion_tokens),
                 coalesce(sum(ms) FILTER (WHERE status = 'succeeded'), 0), jsonb_build_array({buckets})
-            FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, status,
-                         prompt_tokens, completion_tokens,
+            FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, model, endpoint,
+                         status, prompt_tokens, completion_tokens,
                          (extract(epoch FROM finished_at - created_at) * 1000)::bigint AS ms
                   FROM inference_query) q
-            GROUP BY day, tenant_id, api_key_id
+            GROUP BY day, tenant_id, api_key_id, model, endpoint
             """
         )
         cursor.execute("ANALYZE")
@@ -349,6 +351,9 @@ def main():
     old = Query.objects.filter(tenant=acme).order_by("-created_at").only("created_at")[min(50_000, args.rows // 10)]
     owner, admin = session_cookie("bench-owner"), session_cookie("bench-admin")
 
+    def day(ago: int) -> str:  # a UTC day of the log, for the query log's date range
+        return (newest.created_at - timedelta(days=ago)).date().isoformat()
+
     with socket.socket() as probe:  # a free port: other benchmarks may run beside this one
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -374,18 +379,27 @@ def main():
                 time.sleep(0.2)
         pages = [
             ("owner", "/dashboard/"),
+            ("owner", "/dashboard/?range=90&by=model"),
+            ("owner", "/dashboard/?range=90&by=endpoint"),
             ("owner", "/dashboard/keys/"),
             ("owner", f"/dashboard/keys/{key.pk}/"),
+            ("owner", f"/dashboard/keys/{key.pk}/revoke/"),
             ("owner", "/dashboard/queries/"),
             ("owner", "/dashboard/queries/?status=failed"),
             ("owner", f"/dashboard/queries/?key={key.pk}&endpoint=websocket"),
             ("owner", f"/dashboard/queries/?before={old.created_at.isoformat().replace('+', '%2B')}"),
+            ("owner", f"/dashboard/queries/?before={quote(f'{old.created_at.isoformat()}~{old.pk}')}"),
+            ("owner", f"/dashboard/queries/?date_from={day(30)}&date_to={day(20)}"),
+            ("owner", f"/dashboard/queries/?date_from={day(30)}&date_to={day(20)}&status=failed&model=glm-4.6v-flash"),
             ("owner", f"/dashboard/queries/{recent.pk}/"),
             ("owner", "/dashboard/playground/"),
             ("owner", "/dashboard/data/"),
+            ("owner", "/dashboard/members/"),
             ("admin", "/admin/"),
             ("admin", "/admin/usage/"),
             ("admin", "/admin/usage/?days=90"),
+            ("admin", "/admin/usage/?range=90&by=key"),
+            ("admin", "/admin/usage/?range=90&by=endpoint"),
             ("admin", "/admin/inference/query/"),
             ("admin", "/admin/inference/query/?p=50"),
             ("admin", f"/admin/inference/query/?tenant__id__exact={acme.pk}"),

@@ -80,6 +80,10 @@ SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("SECURE_PROXY_SSL_HEADER")
 SIGNIN_MAX_FAILURES = env_int("SIGNIN_MAX_FAILURES", 10)
 SIGNIN_WINDOW_SECONDS = env_int("SIGNIN_WINDOW_SECONDS", 15 * 60)
 
+# --- members --------------------------------------------------------------------------------
+# An invitation link (dashboard, Members) may be accepted once, within this many hours.
+INVITATION_TTL_HOURS = env_int("INVITATION_TTL_HOURS", 72)
+
 INSTALLED_APPS = [
     # Only for developers' `runserver` (Daphne's, ASGI). `manage.py serve` (Uvicorn, config/server.py)
     # is what the embedded default, production and the tests run.

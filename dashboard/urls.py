@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard.views import auth, data, keys, overview, playground, queries
+from dashboard.views import auth, data, keys, members, overview, playground, queries
 
 app_name = "dashboard"
 
@@ -22,4 +22,11 @@ urlpatterns = [
     path("queries/<uuid:query_id>/image.png", queries.query_image, name="query-image"),
     path("queries/<uuid:query_id>/image/<int:position>", queries.query_image, name="query-image-at"),
     path("playground/", playground.playground, name="playground"),
+    path("members/", members.member_list, name="members"),
+    path("members/invitations/", members.invitation_create, name="invitation-create"),
+    path("members/invitations/<int:invitation_id>/revoke/", members.invitation_revoke, name="invitation-revoke"),
+    path("members/<int:member_id>/role/", members.member_role, name="member-role"),
+    path("members/<int:member_id>/remove/", members.member_remove, name="member-remove"),
+    # The link an invitee opens: no sign-in needed (the token is the credential).
+    path("invite/<str:token>/", members.invitation, name="invitation"),
 ]

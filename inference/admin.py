@@ -240,7 +240,7 @@ class QueryAdmin(admin.ModelAdmin):
         """The created_at of the ADMIN_PROMPT_SEARCH_ROWS-th newest query of the log (of the period
         picked in the date hierarchy), None when there are fewer. A prompt search reads the rows
         from there on, through the created_at index: a bounded read at any size of the log (a
-        trigram index's scan grows with the log: migration 0014)."""
+        trigram index's scan grows with the log: migration 0015)."""
         window = Query.objects.order_by("-created_at")
         period = _picked_period(request)
         if period:
@@ -353,6 +353,8 @@ class UsageDailyAdmin(admin.ModelAdmin):
         "date",
         "tenant",
         "api_key",
+        "model",
+        "endpoint",
         "requests",
         "succeeded",
         "failed",
@@ -360,7 +362,7 @@ class UsageDailyAdmin(admin.ModelAdmin):
         "prompt_tokens",
         "completion_tokens",
     ]
-    list_filter = ["tenant", "date"]
+    list_filter = ["tenant", "date", "endpoint"]
     date_hierarchy = "date"
     list_select_related = ["tenant", "api_key"]
 

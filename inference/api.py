@@ -235,6 +235,22 @@ class QueryPagination(CursorPagination):
         return int(value)
 
 
+def query_list_filters(params) -> dict:
+    """``GET /v1/queries``' filters (model, status, endpoint); a bad value is 400 naming it, never ignored."""
+    filters = {}
+    if "model" in params:
+        model = params["model"]
+        if not model or len(model) > 200:
+            raise ApiError("invalid_request", "'model' must be a model name (1..200 characters).")
+        filters["model"] = model
+    for name, choices in (("status", Query.Status.values), ("endpoint", Query.Endpoint.values)):
+        if name in params:
+            if params[name] not in choices:
+                raise ApiError("invalid_request", f"'{name}' must be one of: {', '.join(choices)}.")
+            filters[name] = params[name]
+    return filters
+
+
 class QueryListView(KeyedAPIView):
     """``POST /v1/queries`` (an async job: 202, then poll) and ``GET /v1/queries`` (the tenant's, newest first)."""
 
@@ -300,13 +316,18 @@ class QueryListView(KeyedAPIView):
                 {"type": "integer", "minimum": 1, "maximum": 100},
                 description="Queries per page, 1..100 (default 20).",
             ),
+            OpenApiParameter("model", str, description="Only this model's queries."),
+            OpenApiParameter("status", {"type": "string", "enum": list(Query.Status.values)}),
+            OpenApiParameter("endpoint", {"type": "string", "enum": list(Query.Endpoint.values)}),
         ],
         responses={200: serializers.QueryPageSerializer, **errors(*KEYED, 400, 404)},
         tags=["queries"],
     )
     def get(self, request):
         paginator = QueryPagination()
-        queries = selectors.with_images(selectors.tenant_queries(request.auth.tenant_id))  # one query for all images
+        queries = selectors.tenant_queries(request.auth.tenant_id)
+        queries = queries.filter(**query_list_filters(request.query_params))
+        queries = selectors.with_images(queries)  # one query for all images
         page = paginator.paginate_queryset(queries, request, view=self)
         return paginator.get_paginated_response(serializers.QuerySerializer(page, many=True).data)
 

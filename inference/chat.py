@@ -176,6 +176,40 @@ def turns(messages: list) -> list[dict]:
     return shown
 
 
+def _json_text(call: dict) -> str:
+    arguments = call["function"]["arguments"]
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def turn_parts(messages: list) -> list[dict]:
+    """A stored conversation for a page to lay out: each message's role, its parts in order (text,
+    or an image by its rank: the query's image at that position), its reasoning, its tool calls
+    (name and arguments) and, for a tool's result, the call it answers."""
+    shown, rank = [], 0
+    for message in messages or ():
+        content = message.get("content")
+        parts = []
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content or ():
+            if part.get("type") == "image":
+                parts.append({"type": "image", "rank": rank})
+                rank += 1
+            elif part.get("text"):
+                parts.append({"type": "text", "text": part["text"]})
+        shown.append(
+            {
+                "role": message.get("role", ""),
+                "parts": parts,
+                "reasoning": message.get("reasoning_content") or "",
+                "tool_calls": [
+                    {"id": call.get("id", ""), "name": call["function"]["name"], "arguments": _json_text(call)}
+                    for call in message.get("tool_calls") or ()
+                ],
+                "tool_call_id": message.get("tool_call_id") or "",
+            }
+        )
+    return shown
+
+
 def image_places(messages: list) -> list[tuple[int, int]]:
     """Where each image part of a template conversation is, in order: (message, part) indices."""
     return [

@@ -20,8 +20,8 @@ answers for all of them, and a restart loses nothing:
 * ``sightline_worker_batch_rows{model,worker}``, ``sightline_worker_max_batch_rows{model,worker}``
   and ``sightline_worker_tokens_per_second{model,worker}`` — each worker's batching, from its heartbeat.
 
-The usage series (requests, tokens, durations) come from the daily rollups, which are per tenant
-and key, not per model: they carry no ``model`` label.
+The usage series (requests, tokens, durations) come from the daily rollups, summed over their keys,
+models and endpoints per tenant (``selectors.usage_by_tenant``): they carry no ``model`` label.
 """
 
 import itertools

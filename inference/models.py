@@ -188,7 +188,9 @@ class QueryImage(models.Model):
 
 
 class UsageDaily(models.Model):
-    """Usage per tenant, key and UTC day, settled from each outcome, so usage views never scan queries."""
+    """Usage per tenant, key, model, endpoint and UTC day, settled from each outcome, so usage views
+    never scan queries. Readers sum over the rows they need: a key's day is several rows (one per
+    model and endpoint it used)."""
 
     # Upper bounds (ms) of the latency histogram's buckets; the last bucket is open.
     LATENCY_BUCKETS_MS = (50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 102400)
@@ -201,6 +203,9 @@ class UsageDaily(models.Model):
     api_key = models.ForeignKey(
         "accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_days"
     )
+    # The query's model and endpoint; "" on rows written before they were recorded (shown as "(earlier)").
+    model = models.CharField(max_length=200, blank=True, default="", db_default="")
+    endpoint = models.CharField(max_length=32, blank=True, default="", db_default="")
     requests = models.PositiveIntegerField(default=0, help_text="accepted queries that ended")
     succeeded = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
@@ -211,11 +216,15 @@ class UsageDaily(models.Model):
     latency_histogram = models.JSONField(default=list, blank=True, help_text="counts per LATENCY_BUCKETS_MS bucket")
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["date", "tenant", "api_key"], name="unique_usage_day")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["date", "tenant", "api_key", "model", "endpoint"], name="unique_usage_day_dims"
+            )
+        ]
         indexes = [models.Index(fields=["tenant", "date"], name="usage_tenant_date")]
 
     def __str__(self) -> str:
-        return f"{self.tenant_id}/{self.api_key_id} {self.date}"
+        return f"{self.tenant_id}/{self.api_key_id} {self.model or '-'} {self.endpoint or '-'} {self.date}"
 
     @property
     def total_tokens(self) -> int:

@@ -46,13 +46,52 @@ def tenant_queries(tenant_id):
     return Query.objects.filter(tenant_id=tenant_id).only(*LIST_FIELDS).order_by("-created_at", "-id")
 
 
-def tenant_query(tenant_id, query_id) -> Query | None:
-    """One of the tenant's queries, with its images' facts (``with_images``); None if not theirs."""
+def tenant_query(tenant_id, query_id, *, every_field: bool = False) -> Query | None:
+    """One of the tenant's queries, with its images' facts (``with_images``); None if not theirs.
+    ``every_field``: every column loaded at once (a detail page shows reasoning, tool calls, choices
+    and reasoning tokens too, which the log's fields leave out)."""
     try:
         query_uuid = uuid.UUID(str(query_id))
     except ValueError:
         return None
-    return with_images(tenant_queries(tenant_id).filter(pk=query_uuid)).first()
+    rows = Query.objects.filter(tenant_id=tenant_id) if every_field else tenant_queries(tenant_id)
+    return with_images(rows.filter(pk=query_uuid)).first()
+
+
+def filter_log(
+    queries,
+    *,
+    status: str = "",
+    endpoint: str = "",
+    model: str = "",
+    api_key_id: int | None = None,
+    created_from=None,
+    created_until=None,
+    before: tuple | None = None,
+):
+    """The query log's filters on ``queries`` (ordered newest first, ``-created_at, -id``):
+    ``created_from`` inclusive, ``created_until`` exclusive (datetimes), and the keyset cursor
+    ``before`` = (created_at, id) of the last row of the previous page: the rows after it in that
+    order. No OFFSET and no COUNT: each page reads its rows off the (tenant, -created_at) index."""
+    if status:
+        queries = queries.filter(status=status)
+    if endpoint:
+        queries = queries.filter(endpoint=endpoint)
+    if model:
+        queries = queries.filter(model=model)
+    if api_key_id is not None:
+        queries = queries.filter(api_key_id=api_key_id)
+    if created_from is not None:
+        queries = queries.filter(created_at__gte=created_from)
+    if created_until is not None:
+        queries = queries.filter(created_at__lt=created_until)
+    if before is not None:
+        created_at, query_id = before
+        if query_id is None:  # a cursor of the previous release: a time alone
+            queries = queries.filter(created_at__lt=created_at)
+        else:
+            queries = queries.filter(created_at__lte=created_at).exclude(created_at=created_at, id__gte=query_id)
+    return queries
 
 
 def query_image(query_id, position: int, tenant_id=None) -> QueryImage | None:
@@ -111,15 +150,17 @@ def usage_totals(tenant_id, since, api_key_id=None) -> dict:
     return totals
 
 
-def usage_series(since, tenant_id=None, api_key_id=None) -> list[dict]:
-    """Per day from ``since`` to today (days without usage included): requests, tokens, failures."""
+def usage_series(since, tenant_id=None, api_key_id=None, until=None) -> list[dict]:
+    """Per day from ``since`` to ``until`` (default today; days without usage included): requests,
+    tokens, failures."""
     from datetime import UTC, datetime, timedelta
 
     from django.db.models import Sum
 
     from inference.models import UsageDaily
 
-    rows = UsageDaily.objects.filter(date__gte=since)
+    today = until or datetime.now(UTC).date()
+    rows = UsageDaily.objects.filter(date__gte=since, date__lte=today)
     if tenant_id is not None:
         rows = rows.filter(tenant_id=tenant_id)
     if api_key_id is not None:
@@ -134,7 +175,6 @@ def usage_series(since, tenant_id=None, api_key_id=None) -> list[dict]:
             completion_tokens=Sum("completion_tokens"),
         )
     }
-    today = datetime.now(UTC).date()
     series, day = [], since
     while day <= today:
         row = by_day.get(day, {})
@@ -152,14 +192,16 @@ def usage_series(since, tenant_id=None, api_key_id=None) -> list[dict]:
     return series
 
 
-def usage_by_tenant(since=None) -> list[dict]:
-    """Per tenant from ``since`` (a date; None: all time): requests, outcomes, tokens, error rate, the
-    summed latency histogram and its p50/p99, most requests first."""
+def usage_by_tenant(since=None, until=None) -> list[dict]:
+    """Per tenant from ``since`` to ``until`` (dates; None: all time, up to today): requests,
+    outcomes, tokens, error rate, the summed latency histogram and its p50/p95/p99, most requests first."""
     from inference.models import UsageDaily
 
     summed = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "latency_ms_total")
     tenants: dict = {}
     rows = UsageDaily.objects.all() if since is None else UsageDaily.objects.filter(date__gte=since)
+    if until is not None:
+        rows = rows.filter(date__lte=until)
     rows = rows.select_related("tenant").only("tenant__name", "tenant__slug", "latency_histogram", *summed)
     for row in rows.iterator(chunk_size=2000):
         entry = tenants.setdefault(
@@ -179,17 +221,21 @@ def usage_by_tenant(since=None) -> list[dict]:
         entry["tokens"] = entry["prompt_tokens"] + entry["completion_tokens"]
         entry["error_rate"] = entry["failed"] / entry["requests"] if entry["requests"] else 0.0
         entry["p50_ms"] = UsageDaily.percentile_ms(entry["histogram"], 50)
+        entry["p95_ms"] = UsageDaily.percentile_ms(entry["histogram"], 95)
         entry["p99_ms"] = UsageDaily.percentile_ms(entry["histogram"], 99)
         result.append(entry)
     return sorted(result, key=lambda e: -e["requests"])
 
 
-def top_keys(since, limit=10, tenant_id=None) -> list[dict]:
+def top_keys(since, limit=10, tenant_id=None, until=None) -> list[dict]:
+    """The keys with the most requests from ``since`` to ``until`` (default: today), with their tokens."""
     from django.db.models import F, Sum
 
     from inference.models import UsageDaily
 
     rows = UsageDaily.objects.filter(date__gte=since, api_key__isnull=False)
+    if until is not None:
+        rows = rows.filter(date__lte=until)
     if tenant_id is not None:
         rows = rows.filter(tenant_id=tenant_id)
     return list(
@@ -197,3 +243,189 @@ def top_keys(since, limit=10, tenant_id=None) -> list[dict]:
         .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
         .order_by("-requests")[:limit]
     )
+
+
+# What a usage breakdown groups the rollups by: its name -> the rollup field.
+BREAKDOWNS = {"key": "api_key_id", "model": "model", "endpoint": "endpoint"}
+EARLIER = "(earlier)"  # rows written before the rollups knew the model and endpoint
+OTHER = "other"
+PERCENTILES = (50, 95, 99)
+_SUMMED = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens")
+
+
+def _group_labels(by: str, values: set, *, with_tenant: bool) -> dict:
+    """A readable name for each group value of a breakdown."""
+    from accounts.models import ApiKey
+    from inference.models import Query
+
+    if by == "key":
+        keys = ApiKey.objects.filter(pk__in=[v for v in values if v is not None]).select_related("tenant")
+        names = {
+            key.pk: (f"{key.tenant.name} / " if with_tenant else "") + f"{key.name} (sl_{key.prefix}_…)"
+            for key in keys.only("name", "prefix", "tenant__name")
+        }
+        return {value: names.get(value, "(deleted key)") for value in values}
+    if by == "endpoint":
+        endpoints = dict(Query.Endpoint.choices)
+        return {value: endpoints.get(value, value) if value else EARLIER for value in values}
+    return {value: value or EARLIER for value in values}
+
+
+def _empty_histogram() -> list[int]:
+    from inference.models import UsageDaily
+
+    return [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1)
+
+
+def _add_histogram(into: list[int], histogram) -> None:
+    for index, count in enumerate(histogram or []):
+        into[index] += count
+
+
+def _figures(sums: dict, histogram: list[int]) -> dict:
+    """Derived figures of summed rollups: tokens, error rate (failed / requests, None without
+    requests) and the latency percentiles (upper bounds of the histogram's buckets, ms)."""
+    from inference.models import UsageDaily
+
+    out = dict(sums)
+    out["tokens"] = sums["prompt_tokens"] + sums["completion_tokens"]
+    out["error_rate"] = sums["failed"] / sums["requests"] if sums["requests"] else None
+    out["histogram"] = histogram
+    for q in PERCENTILES:
+        out[f"p{q}_ms"] = UsageDaily.percentile_ms(histogram, q)
+    return out
+
+
+def usage_breakdown(*, start, end, by: str, tenant_id=None, top: int = 5) -> dict:
+    """The daily rollups from ``start`` to ``end`` (dates, both included; days without usage too),
+    for a tenant (None: all tenants), broken down ``by`` key, model or endpoint: the ``top`` groups
+    with the most requests over the range, the rest summed as "other".
+
+    Returns ``{"days": [date…], "by": by, "groups": [group…], "totals": [day…], "summary": day}``,
+    where each group is ``{"value", "label", "days": [day…], "summary": day}``, and each "day" is
+    the summed ``requests, succeeded, failed, rejected, prompt_tokens, completion_tokens, tokens,
+    error_rate, histogram, p50_ms, p95_ms, p99_ms``. The groups' days add up to ``totals``. Only the
+    rollups are read, never the query log.
+    """
+    from datetime import timedelta
+
+    from inference.models import UsageDaily
+
+    if by not in BREAKDOWNS:
+        raise ValueError(f"unknown breakdown {by!r}")
+    field = BREAKDOWNS[by]
+    days = [start + timedelta(days=n) for n in range((end - start).days + 1)]
+    index = {day: n for n, day in enumerate(days)}
+    rows = UsageDaily.objects.filter(date__gte=start, date__lte=end)
+    if tenant_id is not None:
+        rows = rows.filter(tenant_id=tenant_id)
+    # Per (group value, day): the sums and the histogram.
+    cells: dict = {}
+    for date, value, histogram, *sums in rows.values_list("date", field, "latency_histogram", *_SUMMED).iterator(
+        chunk_size=5000
+    ):
+        cell = cells.get((value, date))
+        if cell is None:
+            cell = cells[(value, date)] = [dict.fromkeys(_SUMMED, 0), _empty_histogram()]
+        for name, amount in zip(_SUMMED, sums, strict=True):
+            cell[0][name] += amount
+        _add_histogram(cell[1], histogram)
+
+    per_group: dict = {}
+    for (value, date), cell in cells.items():
+        group = per_group.setdefault(value, [[dict.fromkeys(_SUMMED, 0), _empty_histogram()] for _ in days])
+        for name in _SUMMED:
+            group[index[date]][0][name] += cell[0][name]
+        _add_histogram(group[index[date]][1], cell[1])
+
+    def total_of(day_cells, name):
+        return sum(cell[0][name] for cell in day_cells)
+
+    ranked = sorted(
+        per_group,
+        key=lambda v: (-total_of(per_group[v], "requests"), -total_of(per_group[v], "rejected"), str(v)),
+    )
+    shown, rest = ranked[:top], ranked[top:]
+    if len(rest) == 1:  # "other" would be one group: show it by its name
+        shown, rest = ranked, []
+    labels = _group_labels(by, set(shown), with_tenant=tenant_id is None)
+    chosen = [(value, labels[value], per_group[value]) for value in shown]
+    if rest:
+        other = [[dict.fromkeys(_SUMMED, 0), _empty_histogram()] for _ in days]
+        for value in rest:
+            for n, cell in enumerate(per_group[value]):
+                for name in _SUMMED:
+                    other[n][0][name] += cell[0][name]
+                _add_histogram(other[n][1], cell[1])
+        chosen.append((OTHER, f"{OTHER} ({len(rest)} more)", other))
+
+    def summed(day_cells) -> dict:
+        histogram = _empty_histogram()
+        for cell in day_cells:
+            _add_histogram(histogram, cell[1])
+        return _figures({name: total_of(day_cells, name) for name in _SUMMED}, histogram)
+
+    groups = [
+        {
+            "value": value,
+            "label": label,
+            "days": [_figures(cell[0], cell[1]) for cell in day_cells],
+            "summary": summed(day_cells),
+        }
+        for value, label, day_cells in chosen
+    ]
+    totals = []
+    for n in range(len(days)):
+        histogram = _empty_histogram()
+        sums = dict.fromkeys(_SUMMED, 0)
+        for day_cells in per_group.values():
+            for name in _SUMMED:
+                sums[name] += day_cells[n][0][name]
+            _add_histogram(histogram, day_cells[n][1])
+        totals.append({"date": days[n], **_figures(sums, histogram)})
+    everything = _empty_histogram()
+    for day in totals:
+        _add_histogram(everything, day["histogram"])
+    summary = _figures({name: sum(day[name] for day in totals) for name in _SUMMED}, everything)
+    return {"days": days, "by": by, "groups": groups, "totals": totals, "summary": summary}
+
+
+def usage_per_key(tenant_id, *, month_start, today) -> dict:
+    """Per key of the tenant, from the rollups: requests today and this month, tokens this month
+    (what the per-key day and month quotas count)."""
+    from django.db.models import F, Q, Sum
+
+    from inference.models import UsageDaily
+
+    rows = (
+        UsageDaily.objects.filter(tenant_id=tenant_id, api_key__isnull=False, date__gte=month_start, date__lte=today)
+        .values("api_key_id")
+        .annotate(
+            requests_month=Sum("requests"),
+            tokens_month=Sum(F("prompt_tokens") + F("completion_tokens")),
+            requests_today=Sum("requests", filter=Q(date=today)),
+        )
+        .order_by()
+    )
+    return {
+        row["api_key_id"]: {name: row[name] or 0 for name in ("requests_month", "tokens_month", "requests_today")}
+        for row in rows
+    }
+
+
+def usage_per_key_and_day(tenant_id, since) -> dict:
+    """A tenant's daily rollups from ``since`` (a date) on, per key: ``{api_key_id: {date:
+    {"requests", "tokens"}}}`` (days without usage left out). One query, whatever the number of keys."""
+    from django.db.models import F, Sum
+
+    from inference.models import UsageDaily
+
+    rows = (
+        UsageDaily.objects.filter(tenant_id=tenant_id, date__gte=since, api_key__isnull=False)
+        .values("api_key_id", "date")
+        .annotate(requests=Sum("requests"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
+    )
+    per_key: dict = {}
+    for row in rows:
+        per_key.setdefault(row["api_key_id"], {})[row["date"]] = {"requests": row["requests"], "tokens": row["tokens"]}
+    return per_key

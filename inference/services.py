@@ -299,7 +299,12 @@ def submit(
     params = check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, served=served)
     # n choices may each write max_tokens: the reservation covers them all.
     admission = quotas.admit(
-        api_key, prompt="\n".join(conversation.texts), images=len(images), max_tokens=params.max_tokens * choices
+        api_key,
+        prompt="\n".join(conversation.texts),
+        images=len(images),
+        max_tokens=params.max_tokens * choices,
+        model=model,
+        endpoint=endpoint,
     )
     try:
         data = _input(conversation, params, check_images(images, params=conversation.image_params))

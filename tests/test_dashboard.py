@@ -92,18 +92,16 @@ def test_every_page_shows_what_it_promises_to_a_member(world):
         assert response.status_code == 200, url
         return response.content.decode()
 
-    overview = page("/dashboard/")  # usage against each quota, a chart of requests per day
-    assert "<h1>Tenant A</h1>" in overview and "This period" in overview
+    overview = page("/dashboard/")  # this month against each key's quotas, charts of usage per day
+    assert "<h1>Tenant A</h1>" in overview and "This month" in overview
     tenant = world["a"]["tenant"]
-    for quota, limit, used in (  # each quota, its limit, and the tenant's use where it is counted per tenant
-        ("Requests per minute (per key)", tenant.requests_per_minute, '<span class="muted">per key'),
-        ("Requests per day (per key)", tenant.requests_per_day, "1"),
-        ("Tokens per month (per key)", tenant.tokens_per_month, "15"),
-    ):
-        assert f"<tr><td>{quota}</td><td>{limit}</td><td>{used}" in overview, quota
+    assert (tenant.requests_per_day, tenant.tokens_per_month) == (10_000, 2_000_000)  # the defaults
+    assert "1 of 10,000 (&lt;0.1%)" in overview and "15 of 2,000,000 (&lt;0.1%)" in overview  # formatted, with a bar
+    assert overview.count('role="progressbar"') == 2  # requests today and tokens this month of key-a
+    assert f"{tenant.requests_per_minute:,} requests per minute" in overview
     assert "Today: 1 request (0 failed, 0 refused by quotas), 15 tokens." in overview
-    assert "Requests per day" in overview and "<svg" in overview  # the chart
-    assert f"sl_{key.prefix}_" in overview  # the top key
+    assert "Requests per day, by key" in overview and "<svg" in overview  # the charts
+    assert f"sl_{key.prefix}_" in overview  # the key, in the quotas and in the breakdown
 
     keys = page("/dashboard/keys/")  # the tenant's keys; a member may not create or revoke
     assert f"sl_{key.prefix}_" in keys and ">key-a</a>" in keys and "active" in keys
@@ -115,10 +113,10 @@ def test_every_page_shows_what_it_promises_to_a_member(world):
 
     detail = page(f"/dashboard/queries/{query.pk}/")  # the image, answer, tokens and timings
     assert 'id="query-image"' in detail and '<div id="answer">an answer</div>' in detail
-    assert "10 prompt, 5 completion" in detail and "Timings:" in detail
+    assert "10 prompt, 5 completion" in detail and "<dt>Timings</dt>" in detail
 
-    playground = page("/dashboard/playground/")  # image, prompt, a run button; says the model is noise
-    assert all(f'id="{element}"' in playground for element in ("image", "prompt", "run", "answer"))
+    playground = page("/dashboard/playground/")  # images, prompt, send, the conversation; says the model is noise
+    assert all(f'id="{element}"' in playground for element in ("image", "prompt", "run", "turns", "model", "thinking"))
     assert 'id="tiny-model-notice"' in playground and "random noise" in playground
 
     key_page = page(f"/dashboard/keys/{key.pk}/")

@@ -355,3 +355,37 @@ def test_dashboard_and_admin_query_lists_filter_by_model(settings):
     page = admin.get("/admin/inference/query/?model=alpha").content.decode()
     assert str(rows["alpha"].pk) in page and str(rows["beta"].pk) not in page
     assert "?model=beta" in page  # the filter offers every registered model
+
+
+def test_the_query_api_filters_by_model_status_and_endpoint(settings):
+    """GET /v1/queries?model=…&status=…&endpoint=…: the tenant's matching queries only; a bad value
+    is 400 naming the parameter, never ignored."""
+    from django.test import Client
+
+    settings.INFERENCE_MODELS = _parse({"alpha": {"model": "/m"}, "beta": {"model": "/m"}})
+    settings.INFERENCE_MODEL_NAME = "alpha"
+    tenant = accounts.create_tenant("Api filtered", slug="api-filtered")
+    key, secret = accounts.create_api_key(tenant, "k")
+    other_key, other_secret = accounts.create_api_key(accounts.create_tenant("Other", slug="other-t"), "o")
+    rows = {
+        model: services.accept(key, services.check_input(prompt=f"about {model}"), endpoint="queries", model=model)
+        for model in ("alpha", "beta")
+    }
+    services.accept(other_key, services.check_input(prompt="not yours"), endpoint="queries", model="beta")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {secret}")
+
+    def ids(query: str) -> list[str]:
+        response = client.get(f"/v1/queries?{query}")
+        assert response.status_code == 200, response.content
+        return [item["id"] for item in response.json()["results"]]
+
+    assert ids("model=beta") == [str(rows["beta"].pk)]
+    assert set(ids("")) == {str(rows["alpha"].pk), str(rows["beta"].pk)}
+    assert set(ids("status=queued&endpoint=queries")) == {str(rows["alpha"].pk), str(rows["beta"].pk)}
+    assert ids("status=succeeded") == []
+    assert ids("model=gamma") == []
+    for bad, named in (("status=done", "'status'"), ("endpoint=chat", "'endpoint'"), ("model=", "'model'")):
+        response = client.get(f"/v1/queries?{bad}")
+        assert response.status_code == 400 and response.json()["code"] == "invalid_request"
+        assert named in response.json()["msg"], response.json()
+    assert other_secret  # the other tenant's query never shows (above: exact lists)

@@ -1,11 +1,12 @@
 """The operators' pages beside Django's admin: usage across tenants, and a query's images."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.shortcuts import render
 
+from dashboard import usage_charts
 from dashboard.charts import bar_chart
 from dashboard.views.common import image_response
 from inference import selectors
@@ -18,32 +19,22 @@ def admin_query_image(request, query_id, position: int = 0):
 
 @staff_member_required
 def admin_usage(request):
-    """Usage across tenants from the daily rollups (never the query log)."""
-    try:
-        days = max(1, min(int(request.GET.get("days", 30)), 366))
-    except ValueError:
-        days = 30
-    since = datetime.now(UTC).date() - timedelta(days=days - 1)
-    series = selectors.usage_series(since)
-    tenants = selectors.usage_by_tenant(since)
-    charts = [
-        bar_chart([(str(p["date"]), p["requests"]) for p in series], title="Requests per day, all tenants"),
-        bar_chart(
-            [(str(p["date"]), p["tokens"]) for p in series], title="Tokens per day, all tenants", color="#79aec8"
-        ),
-        bar_chart(
-            [(str(p["date"]), (p["failed"] / p["requests"] * 100) if p["requests"] else 0) for p in series],
-            title="Error rate per day (%)",
-            color="#ba2121",
-        ),
-    ]
+    """Usage across tenants from the daily rollups (never the query log), over a chosen range and
+    broken down by key, model or endpoint, as on the tenants' overview."""
+    today = datetime.now(UTC).date()
+    view = usage_charts.parse(request.GET, today=today)
+    data = selectors.usage_breakdown(start=view.start, end=view.end, by=view.by, top=8)
+    tenants = selectors.usage_by_tenant(view.start, view.end)
     per_tenant = [
         (
             t,
             bar_chart(
-                [(str(p["date"]), p["requests"]) for p in selectors.usage_series(since, tenant_id=t["tenant"].pk)],
+                [
+                    (p["date"], p["requests"])
+                    for p in selectors.usage_series(view.start, tenant_id=t["tenant"].pk, until=view.end)
+                ],
                 title=f"{t['tenant'].name}: requests per day",
-                height=80,
+                height=60,
             ),
         )
         for t in [t for t in tenants if t["tenant"] is not None][:10]
@@ -53,11 +44,15 @@ def admin_usage(request):
         "admin/usage.html",
         {
             **admin.site.each_context(request),
-            "title": f"Usage, last {days} days",
-            "days": days,
-            "charts": charts,
+            "title": f"Usage, {view.description}",
+            "view": view,
+            "presets": usage_charts.PRESETS,
+            "breakdowns": usage_charts.BREAKDOWN_NAMES,
+            "data": data,
+            "charts": usage_charts.breakdown_charts(data, scope="all tenants"),
             "tenants": tenants,
             "per_tenant": per_tenant,
-            "top_keys": selectors.top_keys(since),
+            "top_keys": selectors.top_keys(view.start, tenant_id=None, until=view.end),
         },
+        status=400 if view.errors else 200,
     )

@@ -45,6 +45,8 @@ class Command(BaseCommand):
             self.stdout.write("dashboard: sign in at /dashboard/ as 'demo' (the demo tenant has queries already)")
             return
         api_key, plaintext = services.create_api_key(tenant, "seeded", created_by=owner)
+        # A second key for a third of the queries, so the overview's breakdown by key has two.
+        batch_key, _ = services.create_api_key(tenant, "seeded-batch", created_by=owner)
         png = sample_png()
         now = datetime.now(UTC)
         with transaction.atomic():
@@ -58,7 +60,7 @@ class Command(BaseCommand):
                 prompt = rng.choice(PROMPTS)
                 query = Query.objects.create(
                     tenant=tenant,
-                    api_key=api_key,
+                    api_key=batch_key if i % 3 == 2 else api_key,
                     model="glm-4.6v-flash",
                     endpoint=rng.choice(Query.Endpoint.values),
                     status=Query.Status.FAILED if failed else Query.Status.SUCCEEDED,

@@ -8,7 +8,7 @@ import config.ids
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("inference", "0012_images_to_storage"),
+        ("inference", "0013_usagedaily_model_endpoint"),
     ]
 
     operations = [

@@ -27,6 +27,6 @@ def _run(statements):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("inference", "0013_query_time_ordered_id")]
+    dependencies = [("inference", "0014_query_time_ordered_id")]
 
     operations = [migrations.RunPython(_run(FORWARD), _run(BACKWARD))]
