@@ -124,7 +124,8 @@ def finish_load() -> None:
             INSERT INTO inference_usagedaily (date, tenant_id, api_key_id, model, endpoint, requests, succeeded,
                 failed, rejected, prompt_tokens, completion_tokens, latency_ms_total, latency_histogram)
             SELECT day, tenant_id, api_key_id, model, endpoint, count(*), count(*) FILTER (WHERE status = 'succeeded'),
-                count(*) FILTER (WHERE status = 'failed'), 0, sum(prompt_tokens), sum(completion_tokens),
+                count(*) FILTER (WHERE status = 'failed'), 0, coalesce(sum(prompt_tokens), 0),
+                coalesce(sum(completion_tokens), 0),
                 coalesce(sum(ms) FILTER (WHERE status = 'succeeded'), 0), jsonb_build_array({buckets})
             FROM (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, tenant_id, api_key_id, model, endpoint,
                          status, prompt_tokens, completion_tokens,
@@ -348,7 +349,11 @@ def main():
     key = ApiKey.objects.filter(tenant=acme).first()
     recent = Query.objects.filter(tenant=acme).order_by("-created_at").only("id", "created_at").first()
     newest = Query.objects.order_by("-created_at").only("id", "created_at").first()
-    old = Query.objects.filter(tenant=acme).order_by("-created_at").only("created_at")[min(50_000, args.rows // 10)]
+    old = (
+        Query.objects.filter(tenant=acme)
+        .order_by("-created_at")
+        .only("created_at")[min(50_000, (Query.objects.count() if args.reuse else args.rows) // 10)]
+    )
     owner, admin = session_cookie("bench-owner"), session_cookie("bench-admin")
 
     def day(ago: int) -> str:  # a UTC day of the log, for the query log's date range
