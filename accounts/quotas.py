@@ -31,6 +31,7 @@ from django.conf import settings
 
 from config import money
 from config.errors import ApiError
+from config.ids import uuid7
 from config.redis import client as redis_client
 from config.redis import key as redis_key
 
@@ -777,7 +778,7 @@ def admit(
     ``endpoint`` only label a refusal in the usage rollups."""
     limits = Limits.of(api_key)
     at = at or datetime.now(UTC)
-    admission_id = uuid.uuid4()
+    admission_id = uuid7(at)  # the query's id too: time-ordered (config/ids.py), 74 random bits
     reserve = reservation(prompt, max_tokens, images)
     reserved_cost = cost_reservation(price, prompt, max_tokens, images)
     cost = money.to_nano(reserved_cost)

@@ -9,7 +9,8 @@ response (and the websocket handshake) carries it back.
 import contextvars
 import logging
 import re
-import uuid
+
+from config.ids import uuid7
 
 HEADER = b"x-request-id"
 # What a client may send as its own id; anything else is replaced (never echoed, never logged).
@@ -28,7 +29,7 @@ def choose(client_value: bytes | None) -> str:
         value = client_value.decode("latin-1")
         if VALID.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return uuid7().hex  # time-ordered: the query log's request_id index grows at its right edge
 
 
 class RequestIdMiddleware:

@@ -444,6 +444,13 @@ METADATA_HOLD_SECONDS = env_float("METADATA_HOLD_SECONDS", 300.0)
 PRUNE_INTERVAL_SECONDS = env_float("PRUNE_INTERVAL_SECONDS", 60.0)
 PRUNE_BATCH_SIZE = env_int("PRUNE_BATCH_SIZE", 500)
 PRUNE_PASS_SECONDS = env_float("PRUNE_PASS_SECONDS", 20.0)
+# A stored image no row refers to is deleted by the pruner once it is this old (a web process died
+# between writing it and committing its row; inference/imagestore.py, collect_orphans). Far longer
+# than any writer's transaction.
+ORPHAN_IMAGE_GRACE_SECONDS = env_float("ORPHAN_IMAGE_GRACE_SECONDS", 3600.0)
+# The admin's search by prompt text reads the newest this many queries of the log (of the year,
+# month or day picked in its calendar), never the whole log: its time is bounded at any size.
+ADMIN_PROMPT_SEARCH_ROWS = env_int("ADMIN_PROMPT_SEARCH_ROWS", 20_000)
 
 # --- http -----------------------------------------------------------------------------------
 # A request body may be at most MAX_REQUEST_BYTES: the images a request may carry as base64 (4/3

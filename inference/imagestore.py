@@ -20,18 +20,30 @@ moment its last reference goes is never deleted under the new row:
 
 On PostgreSQL the lock is an advisory transaction lock; on SQLite (the embedded default) the
 database's IMMEDIATE transactions already run one writer at a time.
+
+Orphans: an object is written before the transaction that inserts its rows commits. When that
+transaction rolls back, ``accept`` deletes the object; when the process dies in between, nobody
+does. ``collect_orphans`` (the pruner's pass) deletes objects older than a grace period
+(ORPHAN_IMAGE_GRACE_SECONDS, far longer than any writer's transaction) that no row refers to,
+through ``release`` (the key's lock, then the check), and a filesystem store's partial files
+older than that. A pass reads one shard (the ``<aa>`` level of the keys) of every tenant's
+prefix, the next pass the next shard: the whole store every 256 passes, each pass bounded.
 """
 
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 
 from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, storages
 from django.db import connection, transaction
 
 ALIAS = "images"
+PARTIAL_PREFIX = ".partial-"
+SHARDS = [f"{n:02x}" for n in range(256)]
 CONTENT_TYPE = "image/png"
 
 
@@ -47,7 +59,7 @@ class ImageFileStorage(FileSystemStorage):
         full_path = self.path(name)
         directory = os.path.dirname(full_path)
         os.makedirs(directory, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".partial-")
+        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
         try:
             with os.fdopen(descriptor, "wb") as out:
                 for chunk in content.chunks():
@@ -186,3 +198,92 @@ def move_rows_back(image_model, *, batch: int = 200) -> int:
                     content = b""
                 image_model.objects.filter(pk=pk).update(content=content)
         moved += len(rows)
+
+
+# --- orphans ---------------------------------------------------------------------------------------
+def _listing(prefix: str) -> Iterator[tuple[str, datetime]]:
+    """(name, last modified) of every object under ``prefix`` (a folder: "t3/ab/"), in pages as the
+    store lists them: a bucket's listing carries the times (no request per object)."""
+    files = store()
+    if isinstance(files, FileSystemStorage):
+        folder = files.path(prefix)
+        for root, _dirs, names in os.walk(folder):
+            for name in names:
+                full = os.path.join(root, name)
+                try:
+                    modified = os.stat(full).st_mtime
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                yield os.path.relpath(full, files.location).replace(os.sep, "/"), datetime.fromtimestamp(modified, UTC)
+        return
+    bucket = getattr(files, "bucket", None)
+    if bucket is not None:  # django-storages' S3Storage
+        location = files.location.strip("/")
+        start = f"{location}/" if location else ""
+        for item in bucket.objects.filter(Prefix=start + prefix):
+            yield item.key[len(start) :], item.last_modified
+        return
+    directories, names = files.listdir(prefix)  # any other storage: one request per object
+    for name in names:
+        yield prefix + name, files.get_modified_time(prefix + name)
+    for directory in directories:
+        yield from _listing(f"{prefix}{directory}/")
+
+
+def _tenant_prefixes() -> list[str]:
+    try:
+        directories, _names = store().listdir("")
+    except FileNotFoundError:  # nothing stored yet
+        return []
+    return sorted(f"{d}/" for d in directories if d.startswith("t"))
+
+
+def shard_of_pass(now: datetime, interval: float) -> str:
+    """The shard a pass at ``now`` reads: the next one every ``interval`` seconds."""
+    return SHARDS[int(now.timestamp() // max(interval, 1.0)) % len(SHARDS)]
+
+
+def collect_orphans(
+    *,
+    grace: timedelta,
+    shards: Iterable[str] = SHARDS,
+    batch: int = 500,
+    deadline: float | None = None,
+    now: datetime | None = None,
+    image_model=None,
+) -> int:
+    """Delete the objects of ``shards`` (every tenant's) that were written over ``grace`` ago and
+    that no row refers to, ``batch`` keys per check; stop when ``deadline`` (monotonic) passed.
+    Returns how many objects were deleted."""
+    now = now or datetime.now(UTC)
+    cutoff = now - grace
+    deleted = 0
+    for tenant_prefix in _tenant_prefixes():
+        for shard in shards:
+            candidates = []
+            for name, modified in _listing(f"{tenant_prefix}{shard}/"):
+                if modified >= cutoff:
+                    continue
+                if os.path.basename(name).startswith(PARTIAL_PREFIX):  # a writer died mid-file
+                    store().delete(name)
+                    deleted += 1
+                    continue
+                candidates.append(name)
+                if len(candidates) >= batch:
+                    deleted += _release_orphans(candidates, image_model)
+                    candidates = []
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return deleted
+            deleted += _release_orphans(candidates, image_model)
+            if deadline is not None and time.monotonic() >= deadline:
+                return deleted
+    return deleted
+
+
+def _release_orphans(names: list[str], image_model) -> int:
+    if image_model is None:
+        from inference.models import QueryImage as image_model
+    referenced = set(image_model.objects.filter(key__in=names).values_list("key", flat=True))
+    unreferenced = [name for name in names if name not in referenced]
+    # release() takes each key's lock and checks again: a row committed since is seen.
+    return release(unreferenced, image_model=image_model) if unreferenced else 0

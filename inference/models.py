@@ -1,5 +1,3 @@
-import uuid
-
 from django.conf import settings
 from django.core.validators import MinValueValidator
 from django.db import models
@@ -7,6 +5,7 @@ from django.utils import timezone
 
 from accounts.models import PrivacyMode
 from config import request_id as request_ids
+from config.ids import uuid7
 
 
 class Query(models.Model):
@@ -25,7 +24,8 @@ class Query(models.Model):
         WEBSOCKET = "websocket", "WS /ws/v1/infer"
         RESPONSES = "responses", "POST /v1/responses"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # Time-ordered (config/ids.py): new rows land at the right edge of the primary key's index.
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     tenant = models.ForeignKey("accounts.Tenant", on_delete=models.CASCADE, related_name="queries")
     api_key = models.ForeignKey(
         "accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="queries"

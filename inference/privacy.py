@@ -189,15 +189,19 @@ def _in_batches(queryset, action, *, order: str, batch: int, deadline: float | N
     return done
 
 
-def prune(*, now=None, batch: int | None = None, seconds: float | None = None, tenant_id=None) -> dict:
+def prune(
+    *, now=None, batch: int | None = None, seconds: float | None = None, tenant_id=None, orphan_shards=None
+) -> dict:
     """Remove what has expired, in batches: metadata-mode answers past their hold, content past its
-    tenant's content retention, images past its image retention; and move images rows of the
-    previous release still hold into storage. Stops after ``seconds`` (None: when done). Returns
-    counts of each."""
+    tenant's content retention, images past its image retention; move images rows of the previous
+    release still hold into storage; and delete orphaned objects (written, never referenced: the
+    writer died before its commit) of ``orphan_shards`` (default: this pass's shard,
+    ``imagestore.shard_of_pass``; not with ``tenant_id``). Stops after ``seconds`` (None: when
+    done). Returns counts of each."""
     now = now or timezone.now()
     batch = batch or settings.PRUNE_BATCH_SIZE
     deadline = None if seconds is None else time.monotonic() + seconds
-    counts = {"answers_released": 0, "content_removed": 0, "images_removed": 0, "images_moved": 0}
+    counts = {"answers_released": 0, "content_removed": 0, "images_removed": 0, "images_moved": 0, "orphans_removed": 0}
 
     def blank(ids):
         remove_content(ids, now)
@@ -238,6 +242,16 @@ def prune(*, now=None, batch: int | None = None, seconds: float | None = None, t
             counts["images_removed"] += _in_batches(expired, drop, order="created_at", batch=batch, deadline=deadline)
     if deadline is None or time.monotonic() < deadline:
         counts["images_moved"] = imagestore.move_rows_to_storage(Query, QueryImage, batch=batch)
+    if tenant_id is None and (deadline is None or time.monotonic() < deadline):
+        if orphan_shards is None:
+            orphan_shards = [imagestore.shard_of_pass(now, settings.PRUNE_INTERVAL_SECONDS)]
+        counts["orphans_removed"] = imagestore.collect_orphans(
+            grace=timedelta(seconds=settings.ORPHAN_IMAGE_GRACE_SECONDS),
+            shards=orphan_shards,
+            batch=batch,
+            deadline=deadline,
+            now=now,
+        )
     if any(counts.values()):
         logger.info("pruned: %s", counts)
     return counts

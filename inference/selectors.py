@@ -7,7 +7,7 @@ from django.db.models import Prefetch
 
 from config import money
 from inference import chat, imagestore
-from inference.models import Query, QueryImage
+from inference.models import Query, QueryImage, UsageDaily
 
 LIST_FIELDS = (
     "id",
@@ -216,20 +216,21 @@ def usage_by_tenant(since=None, until=None) -> list[dict]:
     rows = UsageDaily.objects.all() if since is None else UsageDaily.objects.filter(date__gte=since)
     if until is not None:
         rows = rows.filter(date__lte=until)
-    rows = rows.select_related("tenant").only("tenant__name", "tenant__slug", "latency_histogram", *summed)
-    for row in rows.iterator(chunk_size=2000):
-        entry = tenants.setdefault(
-            row.tenant_id,
-            {
-                "tenant": row.tenant,
-                **dict.fromkeys(summed, 0),
-                "histogram": [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1),
-            },
-        )
-        for name in summed:
-            entry[name] += getattr(row, name)
-        for index, count in enumerate(row.latency_histogram or []):
-            entry["histogram"][index] += count
+    # Plain tuples, not model instances: thousands of rollup rows for 90 days of many keys.
+    for tenant_id, histogram, *sums in rows.values_list("tenant_id", "latency_histogram", *summed).iterator(
+        chunk_size=5000
+    ):
+        entry = tenants.get(tenant_id)
+        if entry is None:
+            entry = tenants[tenant_id] = {"tenant": None, **dict.fromkeys(summed, 0), "histogram": _empty_histogram()}
+        for name, amount in zip(summed, sums, strict=True):
+            entry[name] += amount
+        _add_histogram(entry["histogram"], histogram)
+    from accounts.models import Tenant
+
+    names = Tenant.objects.in_bulk([t for t in tenants if t is not None])
+    for tenant_id, entry in tenants.items():
+        entry["tenant"] = names.get(tenant_id)
     result = []
     for entry in tenants.values():
         entry["tokens"] = entry["prompt_tokens"] + entry["completion_tokens"]
@@ -265,6 +266,7 @@ EARLIER = "(earlier)"  # rows written before the rollups knew the model and endp
 OTHER = "other"
 PERCENTILES = (50, 95, 99)
 _SUMMED = ("requests", "succeeded", "failed", "rejected", "prompt_tokens", "completion_tokens", "spend")
+_HISTOGRAM_SLOTS = len(UsageDaily.LATENCY_BUCKETS_MS) + 1
 
 
 def _group_labels(by: str, values: set, *, with_tenant: bool) -> dict:
@@ -289,9 +291,9 @@ def _group_labels(by: str, values: set, *, with_tenant: bool) -> dict:
 
 
 def _empty_histogram() -> list[int]:
-    from inference.models import UsageDaily
-
-    return [0] * (len(UsageDaily.LATENCY_BUCKETS_MS) + 1)
+    # Called for every (group, day) cell of a breakdown (tens of thousands for 90 days of many keys):
+    # a module-level constant, not an import per call (that import was half of the admin usage page).
+    return [0] * _HISTOGRAM_SLOTS
 
 
 def _add_histogram(into: list[int], histogram) -> None:
@@ -355,7 +357,9 @@ def usage_breakdown(*, start, end, by: str, tenant_id=None, top: int = 5, rank_b
 
     per_group: dict = {}
     for (value, date), cell in cells.items():
-        group = per_group.setdefault(value, [[dict.fromkeys(_SUMMED, 0), _empty_histogram()] for _ in days])
+        group = per_group.get(value)
+        if group is None:  # not setdefault: its default (a cell per day) would be built for every cell
+            group = per_group[value] = [[dict.fromkeys(_SUMMED, 0), _empty_histogram()] for _ in days]
         for name in _SUMMED:
             group[index[date]][0][name] += cell[0][name]
         _add_histogram(group[index[date]][1], cell[1])

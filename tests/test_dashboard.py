@@ -4,7 +4,7 @@ import csv
 import io
 
 import pytest
-from django.test import Client
+from django.test import Client, override_settings
 
 from accounts import services
 from accounts.models import ApiKey, Membership
@@ -230,6 +230,22 @@ def test_admin_query_list_searches_filters_and_drills_down_by_date(world, monkey
     assert _ids_listed(client.get(f"/admin/inference/query/?q={a.pk}")) == {str(a.pk)}
     assert _ids_listed(client.get("/admin/inference/query/?q=PROMPT+OF+B")) == {str(b.pk)}
     assert _ids_listed(client.get("/admin/inference/query/?q=no+such+prompt")) == set()
+    # A request id (X-Request-ID) finds that request's query; a word that is no request id searches prompts.
+    Query.objects.filter(pk=a.pk).update(request_id="req-from-a-log-line")
+    assert _ids_listed(client.get("/admin/inference/query/?q=req-from-a-log-line")) == {str(a.pk)}
+    assert _ids_listed(client.get("/admin/inference/query/?q=OF+B")) == {str(b.pk)}
+    # A prompt search reads the newest ADMIN_PROMPT_SEARCH_ROWS queries (of the period picked), and says so.
+    with override_settings(ADMIN_PROMPT_SEARCH_ROWS=1):
+        page = client.get("/admin/inference/query/?q=PROMPT+OF+B")
+        assert _ids_listed(page) == set() and "read the newest 1 queries" in page.content.decode()
+        assert _ids_listed(client.get("/admin/inference/query/?q=PROMPT+OF+A")) == {str(a.pk)}
+        older = client.get(f"/admin/inference/query/?q=PROMPT+OF+B&created_at__year={a.created_at.year - 1}")
+        assert _ids_listed(older) == {str(b.pk)} and "of the period picked" in older.content.decode()
+    assert "read the newest" not in client.get("/admin/inference/query/?q=PROMPT+OF+B").content.decode()
+    # A searched list's calendar spans the whole log (not the matches' first and last day).
+    searched = client.get("/admin/inference/query/?q=PROMPT+OF+B").content.decode()
+    for year in (a.created_at.year - 1, a.created_at.year):
+        assert f"created_at__year={year}" in searched
     model = Query.objects.get(pk=a.pk).model
     assert _ids_listed(client.get(f"/admin/inference/query/?model={model}")) == {str(a.pk), str(b.pk)}
 

@@ -659,3 +659,116 @@ def test_a_pruning_batch_blocks_no_insert(fs_store, tenant, api_key):
     assert Query.objects.get(pk=new.pk).images.get().key == outcome["keys"][0]  # the same object
     assert _files(fs_store) == [outcome["keys"][0]]  # still there: the new query refers to it
     assert Query.objects.filter(pk__in=old, content_removed_at__isnull=False).count() == 20
+
+
+# --- orphaned objects ----------------------------------------------------------------------------
+def _orphan(tenant, png: bytes) -> str:
+    """What a web process that died between writing an image and committing its row leaves behind:
+    the object (written under the key's lock, as ``accept`` writes it), and no row."""
+    from django.db import transaction
+
+    from inference import services
+
+    png = services.check_input(prompt="x", images=[png]).images[0].normalised_png()  # as accept stores it
+    key = imagestore.key_for(tenant.pk, png)
+    with transaction.atomic():
+        imagestore.lock_keys([key], exclusive=False)
+        assert imagestore.put(key, png)
+    return key
+
+
+def _later(hours=2):
+    return timezone.now() + timedelta(hours=hours)  # past ORPHAN_IMAGE_GRACE_SECONDS (1 h)
+
+
+def test_the_pruner_deletes_orphaned_images_in_the_filesystem_store(fs_store, api_client, settings):
+    tenant = accounts.create_tenant("Orphans", slug="orphans")
+    plaintext = accounts.create_api_key(tenant, "k")[1]
+    kept = QueryImage.objects.get(query_id=_ask(api_client, plaintext, [media.png(30, 20)])["query_id"]).key
+    orphans = [_orphan(tenant, media.png(31 + k, 20)) for k in range(5)]
+    # A writer that died while writing the file leaves a partial file beside the objects.
+    partial = os.path.join(os.path.dirname(fs_store / kept), imagestore.PARTIAL_PREFIX + "abc123")
+    with open(partial, "wb") as out:
+        out.write(b"half a png")
+    assert len(_files(fs_store)) == 7
+
+    # Younger than the grace period: nothing goes (a writer may be about to commit its row).
+    assert privacy.prune(orphan_shards=imagestore.SHARDS)["orphans_removed"] == 0
+    assert len(_files(fs_store)) == 7
+
+    # Bounded: a pass whose time is up stops after its first batch of keys (here: of the first
+    # shard it reads, one that holds an orphan and no partial file).
+    import time as clock
+
+    shard = orphans[0].split("/")[1]
+    if shard == kept.split("/")[1]:  # the partial file elsewhere
+        elsewhere = fs_store / f"t{tenant.pk}" / ("ff" if shard == "00" else "00")
+        elsewhere.mkdir(exist_ok=True)
+        os.rename(partial, elsewhere / f"{imagestore.PARTIAL_PREFIX}x")
+    first = imagestore.collect_orphans(
+        grace=timedelta(hours=1), batch=2, deadline=clock.monotonic(), now=_later(), shards=[shard, *imagestore.SHARDS]
+    )
+    assert 1 <= first <= 2
+    assert len(_files(fs_store)) == 7 - first and orphans[0] not in _files(fs_store)
+
+    # The periodic pass reads one shard; the command reads them all when told.
+    out = io.StringIO()
+    call_command("prune_queries", "--all-shards", "--batch-size", "2", stdout=out)
+    assert "0 orphaned images deleted" in out.getvalue()  # still within the grace period: now, not later
+    counts = privacy.prune(now=_later(), batch=2, orphan_shards=imagestore.SHARDS)
+    assert counts["orphans_removed"] == 6 - first
+    assert _files(fs_store) == [kept]  # the referenced object stays
+    assert not set(orphans) & set(_files(fs_store))
+    response = _owner(tenant).get(f"/dashboard/queries/{QueryImage.objects.get(key=kept).query_id}/image/0")
+    assert response.status_code == 200 and _body(response) == imagestore.read(kept)
+
+
+def test_the_pruner_reads_one_shard_per_pass(fs_store, tenant):
+    orphan = _orphan(tenant, media.png(12, 34))
+    shard = orphan.split("/")[1]
+    later = _later()
+    other = next(s for s in imagestore.SHARDS if s != shard)
+    assert privacy.prune(now=later, orphan_shards=[other])["orphans_removed"] == 0
+    assert _files(fs_store) == [orphan]
+    # The pass at `later` reads the shard its time names; some pass within 256 intervals reads this one.
+    interval = 60.0
+    passes = [later + timedelta(seconds=interval * n) for n in range(256)]
+    assert {imagestore.shard_of_pass(at, interval) for at in passes} == set(imagestore.SHARDS)
+    at = next(at for at in passes if imagestore.shard_of_pass(at, interval) == shard)
+    this_pass = [imagestore.shard_of_pass(at, interval)]
+    assert imagestore.collect_orphans(grace=timedelta(hours=1), now=at, shards=this_pass) == 1
+    assert _files(fs_store) == []
+
+
+def test_an_orphan_referenced_again_before_its_deletion_stays(fs_store, tenant, api_key):
+    """The same image sent again after its first writer died: the new row refers to the old object,
+    which is then no orphan."""
+    from inference import services
+
+    picture = media.png(44, 21)
+    key = _orphan(tenant, picture)
+    query = services.accept(
+        api_key[0], services.check_input(prompt="again", images=[picture]), endpoint=Query.Endpoint.QUERIES
+    )
+    assert query.images.get().key == key
+    assert privacy.prune(now=_later(), orphan_shards=imagestore.SHARDS)["orphans_removed"] == 0
+    assert _files(fs_store) == [key]
+
+
+def test_the_pruner_deletes_orphaned_images_in_an_s3_bucket(s3_store, api_client):
+    endpoint, prefix = s3_store
+    tenant = accounts.create_tenant("S3 orphans", slug="s3-orphans")
+    plaintext = accounts.create_api_key(tenant, "k")[1]
+    kept = QueryImage.objects.get(query_id=_ask(api_client, plaintext, [media.png(50, 20)])["query_id"]).key
+    orphans = [_orphan(tenant, media.png(51 + k, 20)) for k in range(3)]
+    # Another deployment's objects in the same bucket (outside this store's prefix) are not its own.
+    stranger = f"other-{uuid.uuid4().hex[:6]}/images/{orphans[0]}"
+    _s3_client(endpoint).put_object(Bucket=BUCKET, Key=stranger, Body=b"not ours")
+    assert _s3_keys(endpoint, prefix) == sorted(f"{prefix}/{k}" for k in [kept, *orphans])
+
+    assert privacy.prune(orphan_shards=imagestore.SHARDS)["orphans_removed"] == 0  # within the grace period
+    assert len(_s3_keys(endpoint, prefix)) == 4
+    assert privacy.prune(now=_later(), batch=2, orphan_shards=imagestore.SHARDS)["orphans_removed"] == 3
+    assert _s3_keys(endpoint, prefix) == [f"{prefix}/{kept}"]
+    assert imagestore_read_s3(endpoint, stranger) == b"not ours"
+    assert imagestore.read(kept) == imagestore_read_s3(endpoint, f"{prefix}/{kept}")
