@@ -514,6 +514,15 @@ SPECTACULAR_SETTINGS = {
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+# Django's hashers (PBKDF2 first: ~0.5 s a password on a small CPU, on purpose). The test suite, and
+# only it, sets this loud flag for itself and the servers it starts: it creates and signs in
+# hundreds of users, and half a second each was minutes of CI. Hashes made under it are MD5: never
+# set it where real passwords live.
+if env_bool("INSECURE_FAST_PASSWORD_HASHING_FOR_TESTS"):
+    PASSWORD_HASHERS = [
+        "django.contrib.auth.hashers.MD5PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",  # still checks a hash made without the flag
+    ]
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True

@@ -15,6 +15,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
 from config import request_id as request_ids
+from config.admin_widgets import FORMFIELD_OVERRIDES
 from inference import chat, pricing, privacy, selectors
 from inference.models import ModelPrice, Query, UsageDaily
 from inference.services import served_models
@@ -401,6 +402,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
     priced by it keep their cost). A model without any row costs nothing ("no price set")."""
 
     form = ModelPriceForm
+    formfield_overrides = FORMFIELD_OVERRIDES  # the date and time inputs of effective_from labelled
     list_display = [
         "model",
         "input_per_million",

@@ -13,12 +13,30 @@ from tests import media
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Before Django's settings load: this process and every server it starts hash passwords with a fast
+# hasher (config/settings.py says why; tests/test_security.py checks the real default separately).
+os.environ["INSECURE_FAST_PASSWORD_HASHING_FOR_TESTS"] = "1"
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from inference.engine.tiny_model import build_tiny_model
 
     return Path(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-glm4v"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_password_hashing():
+    """pytest-django loaded the settings before this file set the flag above: the same hashers here."""
+    from django.conf import settings
+    from django.contrib.auth import hashers
+
+    settings.PASSWORD_HASHERS = [
+        "django.contrib.auth.hashers.MD5PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    ]
+    hashers.get_hashers.cache_clear()
+    hashers.get_hashers_by_algorithm.cache_clear()
 
 
 @pytest.fixture(scope="session", autouse=True)

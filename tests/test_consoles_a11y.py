@@ -1,6 +1,7 @@
 """Accessibility (axe-core, zero serious or critical violations) and 390 px layout of the console
 pages the other browser tests do not cover: the sign-in pages, Data & privacy, and the operators'
-admin pages (index, the query log and a query, a tenant, the keys). In a real headless Chromium
+admin pages (index, the query log and a query, tenants, keys, memberships, invitations, the
+activity log, the rollups, prices). In a real headless Chromium
 against the live stack; each page's axe report is written under test-output/axe/ and a screenshot
 under test-output/screenshots/."""
 
@@ -71,6 +72,11 @@ def test_admin_pages_are_accessible(staff, browser_context):  # noqa: F811
         "admin api keys": "/admin/accounts/apikey/",
         "admin api key": f"/admin/accounts/apikey/{key_id}/change/",
         "admin membership": f"/admin/accounts/membership/{membership_id}/change/",
+        "admin invitations": "/admin/accounts/invitation/",
+        "admin activity log": "/admin/accounts/auditevent/",
+        "admin rollups": "/admin/inference/usagedaily/",
+        "admin prices": "/admin/inference/modelprice/",
+        "admin new price": "/admin/inference/modelprice/add/",
     }
     for name, url in pages.items():
         response = page.goto(url)

@@ -312,3 +312,22 @@ def test_csv_export_neutralises_formulas(db):
     )
     assert {row["api_key"] for row in rows} == {"'+cmd|' /C calc'!A0"}
     assert all(re.fullmatch(r"\d+", row["prompt_tokens"]) for row in rows)  # numbers stay numbers
+
+
+def test_passwords_are_hashed_with_pbkdf2_unless_the_test_flag_is_set():
+    """The suite's fast hasher (tests/conftest.py) never reaches a deployment: without the loud
+    test-only flag, settings keep Django's PBKDF2 first."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "INSECURE_FAST_PASSWORD_HASHING_FOR_TESTS"}
+    code = "import django; django.setup(); from django.conf import settings; print(settings.PASSWORD_HASHERS[0])"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "DJANGO_SETTINGS_MODULE": "config.settings"},
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert out == "django.contrib.auth.hashers.PBKDF2PasswordHasher", out
