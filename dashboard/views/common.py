@@ -10,23 +10,30 @@ from accounts.models import Membership
 from inference import imagestore, selectors
 
 
-def page_context(request, membership, **extra):
-    return {
+def page_context(request, membership, *, budget: dict | None = None, **extra):
+    """``budget``: the tenant's ``selectors.budget_status`` when the page read it already (the
+    banner then reuses it instead of reading the spend again); it is in the context as ``budget``."""
+    context = {
         "membership": membership,
         "tenant": membership.tenant,
         "memberships": dashboard.memberships(request.user),
         "can_manage": membership.role in dashboard.MANAGERS,
-        "budget_banner": budget_banner(membership.tenant),
+        "budget_banner": budget_banner(membership.tenant, status=budget),
         **extra,
     }
+    if budget is not None:
+        context["budget"] = budget
+    return context
 
 
-def budget_banner(tenant) -> dict | None:
+def budget_banner(tenant, *, status: dict | None = None) -> dict | None:
     """The banner every dashboard page shows at 80 % and at 100 % of this month's budget (the
-    tenant's, or else the most spent of its keys'); None below 80 % or without a budget."""
-    if tenant.monthly_budget is None and not tenant.api_keys.filter(monthly_budget__isnull=False).exists():
-        return None  # no budget anywhere: no query for the spend
-    status = selectors.budget_status(tenant)
+    tenant's, or else the most spent of its keys'); None below 80 % or without a budget.
+    ``status``: the tenant's budget_status, when the caller has it."""
+    if status is None:
+        if tenant.monthly_budget is None and not tenant.api_keys.filter(monthly_budget__isnull=False).exists():
+            return None  # no budget anywhere: no query for the spend
+        status = selectors.budget_status(tenant)
     candidates = [(status, "tenant")] + [(entry, "key") for entry in status["keys"] if not entry["key"].is_revoked]
     levelled = [(entry, whose) for entry, whose in candidates if entry["level"]]
     if not levelled:

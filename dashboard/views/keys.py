@@ -40,7 +40,8 @@ def key_list(request):
     month_start, first_day = today.replace(day=1), today - timedelta(days=SPARKLINE_DAYS - 1)
     usage = selectors.usage_per_key_and_day(membership.tenant_id, min(month_start, first_day))
     # What is left of each budgeted key's monthly budget (the same figures as the banner's).
-    budgets = {entry["key"].pk: entry for entry in selectors.budget_status(membership.tenant)["keys"]}
+    budget = selectors.budget_status(membership.tenant)
+    budgets = {entry["key"].pk: entry for entry in budget["keys"]}
     days = [first_day + timedelta(days=n) for n in range(SPARKLINE_DAYS)]
     rows = []
     for api_key in api_keys:
@@ -65,7 +66,9 @@ def key_list(request):
                 ),
             }
         )
-    context = page_context(request, membership, form=form, new_key=new_key, rows=rows, currency=settings.CURRENCY)
+    context = page_context(
+        request, membership, budget=budget, form=form, new_key=new_key, rows=rows, currency=settings.CURRENCY
+    )
     if new_key:
         models = inference_services.served_models()
         context["examples"] = examples.examples(
