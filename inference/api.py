@@ -300,7 +300,7 @@ class QueryListView(KeyedAPIView):
     )
     def post(self, request):
         query = submit_from(request, Query.Endpoint.QUERIES, fields=QUERY_FIELDS)
-        services.dispatch(query, queue_without_worker=True)
+        services.dispatch(query, queue_without_worker=True, stream=False)
         poll_url = request.build_absolute_uri(f"/v1/queries/{query.pk}")
         response = Response(
             {"id": str(query.pk), "object": "query", "status": query.status, "poll_url": poll_url}, status=202

@@ -46,10 +46,11 @@ class ThreadDispatcher:
                 self._thread = threading.Thread(target=self._run, name="sightline-worker", daemon=True)
                 self._thread.start()
 
-    def submit(self, query_id, model: str | None = None) -> None:
-        """Queue a query; ``model`` changes nothing (the embedded default serves one model)."""
+    def submit(self, query_id, model: str | None = None, *, stream: bool = True) -> None:
+        """Queue a query; ``model`` changes nothing (the embedded default serves one model);
+        ``stream`` off: nobody subscribed to its deltas (runner.execute)."""
         self.start()
-        self._queue.put(query_id)
+        self._queue.put((query_id, stream))
 
     def cancel(self, query_id) -> None:
         self._cancelled.add(str(query_id))
@@ -130,7 +131,7 @@ class ThreadDispatcher:
         ):
             runner.fail(query_id, "worker_lost", "The server stopped while this query ran.", publisher=publisher)
         for query_id in Query.objects.filter(status=Query.Status.QUEUED).values_list("pk", flat=True):
-            self._queue.put(query_id)
+            self._queue.put((query_id, True))
 
     def _run(self) -> None:
         from inference import events, workers
@@ -155,7 +156,7 @@ class ThreadDispatcher:
         from inference import runner
 
         while True:
-            query_id = self._queue.get()
+            query_id, stream = self._queue.get()
             with self._lock:
                 self._holding += 1
             close_old_connections()
@@ -172,7 +173,12 @@ class ThreadDispatcher:
 
                     wait_engine(self.engine)
                     runner.execute(
-                        query_id, self.engine, publisher, self.worker_name, should_stop=self._stop_check(query_id)
+                        query_id,
+                        self.engine,
+                        publisher,
+                        self.worker_name,
+                        should_stop=self._stop_check(query_id),
+                        stream=stream,
                     )
                     self._cancelled.discard(str(query_id))
             except Exception:  # the thread must survive any single query

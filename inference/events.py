@@ -1,16 +1,24 @@
 """The messages a running query sends to its channel-layer group, and both ends of that exchange.
 
 The worker publishes ``query.started``, coalesced ``query.token`` deltas, then ``query.done`` or
-``query.error`` to the group of the query. The web side (a sync request, an SSE stream or a
-websocket) subscribes *before* the query is dispatched, so no early message is missed.
+``query.error`` to the group of the query. The web side (an SSE stream or a websocket) subscribes
+*before* the query is dispatched, so no early message is missed.
+
+A caller that only waits for the end (the sync endpoints) does not subscribe: the worker sends no
+deltas for a query dispatched without ``stream``, and whoever ends a query raises its *finished
+signal* (``signal_finished``) once the row holds the outcome. Waiting on it costs one blocking Redis
+read in the request's thread (``wait_finished``), where a subscription cost a channel, a group, the
+event loop's hops and a message per delta (profile in bench/README.md).
 """
 
 import asyncio
 import logging
 import threading
+import time
 import uuid
 
 from channels.layers import get_channel_layer
+from django.conf import settings
 
 logger = logging.getLogger("sightline.events")
 
@@ -86,3 +94,82 @@ class Subscription:
             return await asyncio.wait_for(self.layer.receive(self.channel), timeout)
         except TimeoutError:
             return None
+
+
+# --- the finished signal ------------------------------------------------------------------------
+# A signal no one takes (an async job, a client gone) expires after this long; a waiter that comes
+# later still finds it within that time, and after it the row says the query ended.
+FINISHED_SIGNAL_TTL_SECONDS = 600
+
+
+class _RedisFinished:
+    """Production: a one-element Redis list per query, pushed by whoever ended the query (a worker,
+    the sweeper, a web process) and popped by the web process that waits (``BLPOP``). The list
+    outlives a waiter that is not there yet, so the order of end and wait does not matter."""
+
+    @staticmethod
+    def _key(query_id) -> str:
+        from config import redis as redis_keys
+
+        return redis_keys.key("finished", uuid.UUID(str(query_id)).hex)
+
+    def send(self, query_id) -> None:
+        from config import redis as redis_keys
+
+        key = self._key(query_id)
+        redis_keys.client().pipeline(transaction=False).rpush(key, 1).expire(key, FINISHED_SIGNAL_TTL_SECONDS).execute()
+
+    def wait(self, query_id, timeout: float) -> bool:
+        from config import redis as redis_keys
+
+        return redis_keys.client().blpop([self._key(query_id)], timeout=max(timeout, 0.001)) is not None
+
+
+class _LocalFinished:
+    """The embedded default: the worker threads and the waiting requests share the process."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._ended: dict[str, float] = {}  # query id -> when (monotonic), oldest first
+
+    def send(self, query_id) -> None:
+        now = time.monotonic()
+        with self._condition:
+            self._ended[str(query_id)] = now
+            while self._ended:  # forget signals nobody took (an async job's)
+                oldest, at = next(iter(self._ended.items()))
+                if now - at < FINISHED_SIGNAL_TTL_SECONDS:
+                    break
+                del self._ended[oldest]
+            self._condition.notify_all()
+
+    def wait(self, query_id, timeout: float) -> bool:
+        key = str(query_id)
+        with self._condition:
+            if self._condition.wait_for(lambda: key in self._ended, timeout):
+                del self._ended[key]
+                return True
+            return False
+
+
+_local_finished = _LocalFinished()
+_redis_finished = _RedisFinished()
+
+
+def _finished_signal():
+    return _local_finished if settings.EMBEDDED else _redis_finished
+
+
+def signal_finished(query_id) -> None:
+    """Tell a waiter that the query's row now holds its outcome. Never raises: a lost signal costs
+    the waiter at most one poll of the row (services.wait_finished)."""
+    try:
+        _finished_signal().send(query_id)
+    except Exception:  # noqa: BLE001 - Redis away: the waiter finds the outcome in the row
+        logger.warning("could not signal the end of query %s", query_id, exc_info=True)
+
+
+def wait_finished(query_id, timeout: float) -> bool:
+    """True once the query's finished signal came (taking it), False after ``timeout`` seconds.
+    Raises on a Redis error (the caller falls back to the row)."""
+    return _finished_signal().wait(query_id, timeout)

@@ -22,17 +22,35 @@ from inference.models import Query
 logger = logging.getLogger("sightline.runner")
 
 
-def claim(query_id, worker: str, model: str | None = None) -> bool:
-    """Mark a queued query running. False when another worker has it, or it is finished, or (given
-    ``model``, the worker's) it is another model's."""
-    rows = Query.objects.filter(pk=query_id, status=Query.Status.QUEUED)
+def claim(query_id, worker: str, model: str | None = None) -> Query | None:
+    """Mark a queued query running and return its row as updated. None when another worker has it,
+    or it is finished, or (given ``model``, the worker's) it is another model's.
+
+    One statement, ``UPDATE .. RETURNING`` (PostgreSQL; SQLite 3.35+), where the ORM needs an
+    UPDATE and then a SELECT: this is on every query's way to its first token."""
+    from django.db import connection
+
+    pk = Query._meta.pk
+    where = [f"{connection.ops.quote_name(pk.column)} = %s", "status = %s"]
+    params = [
+        Query.Status.RUNNING,
+        connection.ops.adapt_datetimefield_value(timezone.now()),
+        worker,
+        pk.get_db_prep_value(pk.to_python(query_id), connection),
+        Query.Status.QUEUED,
+    ]
     if model is not None:
-        rows = rows.filter(model=model)
-    updated = rows.update(status=Query.Status.RUNNING, started_at=timezone.now(), worker=worker)
-    return updated == 1
+        where.append("model = %s")
+        params.append(model)
+    sql = (
+        f"UPDATE {connection.ops.quote_name(Query._meta.db_table)} SET status = %s, started_at = %s, worker = %s "
+        f"WHERE {' AND '.join(where)} RETURNING *"
+    )
+    rows = list(Query.objects.raw(sql, params))
+    return rows[0] if rows else None
 
 
-def settle(query_id) -> bool:
+def settle(query_id, *, query: Query | None = None, images: int | None = None) -> bool:
     """After a query's outcome is written: store its cost, refund its unused token and money
     reservations, free its concurrent slot, and add it (and its cost) to the usage rollup. Whoever
     ended the query calls this; the sweeper calls it again for a query whose ender died in between.
@@ -44,11 +62,14 @@ def settle(query_id) -> bool:
     from accounts import quotas
     from inference import pricing, privacy, usage
 
-    query = Query.objects.get(pk=query_id)
+    # ``query``: the row as its ender just wrote it (the runner, which also knows how many images
+    # the model read), saving the reads on the way to the answer; else it is read here.
+    if query is None:
+        query = Query.objects.get(pk=query_id)
     if query.settled_at is not None or not query.is_finished:
         return False
     # Its cost at its model's price of its creation (inference/pricing.py); the same on every repeat.
-    query.cost = pricing.query_cost(query)
+    query.cost = pricing.query_cost(query, images=images)
     try:
         quotas.settle(query.api_key_id, query.pk, used=query.total_tokens or 0, cost=query.cost)
     except Exception:  # Redis down: the sweeper retries; the slot's lease bounds the damage meanwhile
@@ -82,6 +103,7 @@ def fail(
     updated = Query.objects.filter(pk=query_id, status__in=statuses).update(**values)
     if updated:
         settle(query_id)
+        events.signal_finished(query_id)
         if publisher is not None:
             publisher.publish(
                 query_id, {"type": events.ERROR, "query_id": str(query_id), "code": code, "message": message}
@@ -150,17 +172,21 @@ def _choice_record(choice: Choice, *, parallel_tool_calls: bool) -> dict:
 
 class _Stream:
     """Coalesces a generation's deltas into at most one message per STREAM_COALESCE_SECONDS, in
-    order, one entry per choice and kind: ``{"choice", "text", "reasoning", "tool_calls", "logprobs"}``."""
+    order, one entry per choice and kind: ``{"choice", "text", "reasoning", "tool_calls", "logprobs"}``.
+    Sends nothing when ``enabled`` is off (a query nobody streams)."""
 
-    def __init__(self, query_id, publisher: events.Publisher, *, parallel_tool_calls: bool):
+    def __init__(self, query_id, publisher: events.Publisher, *, parallel_tool_calls: bool, enabled: bool = True):
         self.query_id = query_id
         self.publisher = publisher
         self.parallel_tool_calls = parallel_tool_calls
+        self.enabled = enabled
         self.pending: list[dict] = []
         self.calls_sent: dict[int, int] = {}
         self.last_flush = 0.0
 
     def add(self, delta: Delta) -> None:
+        if not self.enabled:
+            return
         calls = []
         for call in delta.tool_calls:
             sent = self.calls_sent.get(delta.index, 0)
@@ -212,16 +238,22 @@ def execute(
     worker: str,
     should_stop: Callable[[], bool] | None = None,
     model: str | None = None,
+    stream: bool = True,
 ) -> str | None:
     """Run one query to its outcome. Returns the final status, or None when it was not ours to run
-    (claimed or finished already, or, given ``model``, another model's)."""
-    if not claim(query_id, worker, model):
+    (claimed or finished already, or, given ``model``, another model's).
+
+    ``stream`` off (the dispatcher's word: the caller only waits for the end, as the sync endpoints
+    and async jobs do) publishes no ``started``, deltas or ``done``: the finished signal and the row
+    are all such a caller reads. Errors are published whatever ``stream`` says (rare, and cheap)."""
+    query = claim(query_id, worker, model)
+    if query is None:
         logger.info("query %s is not queued for this worker's model any more; not running it here", query_id)
         return None
-    query = Query.objects.get(pk=query_id)
-    publisher.publish(query_id, {"type": events.STARTED, "query_id": str(query_id)})
+    if stream:
+        publisher.publish(query_id, {"type": events.STARTED, "query_id": str(query_id)})
     parallel = bool(query.params.get("parallel_tool_calls", True))
-    stream = _Stream(query_id, publisher, parallel_tool_calls=parallel)
+    deltas = _Stream(query_id, publisher, parallel_tool_calls=parallel, enabled=stream)
     texts: dict[int, list[str]] = {}
     first_token_at = None
 
@@ -233,11 +265,11 @@ def execute(
             if first_token_at is None:
                 first_token_at = timezone.now()
             texts.setdefault(delta.index, []).append(delta.text)
-            stream.add(delta)
-        stream.flush()
+            deltas.add(delta)
+        deltas.flush()
         result = generation.result
     except EngineError as exc:
-        stream.flush()
+        deltas.flush()
         fail(
             query_id,
             exc.code,
@@ -249,7 +281,7 @@ def execute(
         return Query.Status.FAILED
     except Exception as exc:  # never leave a query running because of a bug
         logger.exception("query %s failed", query_id)
-        stream.flush()
+        deltas.flush()
         fail(query_id, "internal_error", f"Inference failed: {type(exc).__name__}", publisher=publisher)
         return Query.Status.FAILED
 
@@ -278,15 +310,21 @@ def execute(
         return Query.Status.FAILED
 
     finished_at = timezone.now()
-    updated = Query.objects.filter(pk=query_id, status=Query.Status.RUNNING).update(
-        status=Query.Status.SUCCEEDED,
-        first_token_at=first_token_at or finished_at,
-        finished_at=finished_at,
+    ended = {
+        "status": Query.Status.SUCCEEDED,
+        "first_token_at": first_token_at or finished_at,
+        "finished_at": finished_at,
         **outcome,
-    )
+    }
+    updated = Query.objects.filter(pk=query_id, status=Query.Status.RUNNING).update(**ended)
     if not updated:  # ended meanwhile by someone else (the sweeper): their outcome stands
         return None
-    settle(query_id)
+    for field, value in ended.items():  # the row as written, for settle (no second read)
+        setattr(query, field, value)
+    settle(query_id, query=query, images=len(request.images))
+    events.signal_finished(query_id)
+    if not stream:
+        return Query.Status.SUCCEEDED
     publisher.publish(
         query_id,
         {

@@ -6,10 +6,11 @@ Every endpoint goes through the same path: authenticate (DRF), check the input, 
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
 
@@ -355,19 +356,20 @@ def cancel(query_id) -> None:
         )
 
 
-def dispatch(query: Query, *, queue_without_worker: bool = False) -> None:
+def dispatch(query: Query, *, queue_without_worker: bool = False, stream: bool = True) -> None:
     """Hand a committed query to a worker of its model (its model's queue).
 
     A caller that waits for the answer (sync endpoints, SSE, the websocket) learns at once that no
     worker has the model loaded: the query ends ``model_unavailable`` (503) instead of waiting out
     its timeout. An async job (``queue_without_worker``) stays queued for a worker to come, until
-    MAX_QUEUED_SECONDS."""
+    MAX_QUEUED_SECONDS. ``stream`` off: the caller reads only the end (the finished signal and the
+    row), so the worker publishes no deltas."""
     dispatcher = get_dispatcher()
     reason = None if queue_without_worker else dispatcher.unavailable(query.model)
     if reason is not None:
         runner.fail(query.pk, "model_unavailable", reason, publisher=_get_publisher())
         return
-    dispatcher.submit(query.pk, query.model)
+    dispatcher.submit(query.pk, query.model, stream=stream)
 
 
 def _finished(query_id) -> bool:
@@ -429,15 +431,25 @@ async def follow(query: Query, timeout: float | None = None):
                 return
 
 
-async def dispatch_and_wait(query: Query, timeout: float) -> bool:
-    """Dispatch the query and wait for its end. False when ``timeout`` passed first; raises
+def wait_finished(query_id, timeout: float) -> bool:
+    """Wait for the query's end: its finished signal (inference/events.py), with a look at the row
+    every POLL_SECONDS in case the signal was lost. False when ``timeout`` passed first; raises
     ``service_unavailable`` when the process shuts down first (the query goes on)."""
-    async for message in follow(query, timeout):
-        if message.get("shutdown"):
-            raise shutdown_error(query.pk)
-        if message["type"] in (*events.TERMINAL, FINISHED):
+    deadline = time.monotonic() + timeout
+    while True:
+        if shutdown.in_progress():  # checked at least every POLL_SECONDS
+            raise shutdown_error(query_id)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            if events.wait_finished(query_id, min(POLL_SECONDS, left)):
+                return True
+        except Exception:  # noqa: BLE001 - Redis away: the row says when it ends
+            logger.warning("could not wait for the end of query %s; reading its row", query_id, exc_info=True)
+            time.sleep(min(POLL_SECONDS, max(left, 0)))
+        if _finished(query_id):
             return True
-    return False
 
 
 def run_sync(query: Query, timeout: float | None = None) -> Query:
@@ -445,12 +457,15 @@ def run_sync(query: Query, timeout: float | None = None) -> Query:
 
     Past ``timeout`` seconds this raises ``timeout``, and when the process shuts down meanwhile
     ``service_unavailable`` with ``Retry-After``; either way the query goes on and can be polled.
+    The wait blocks this request's thread on one Redis read (no event loop, no channel layer).
     """
     timeout = settings.SYNC_TIMEOUT if timeout is None else timeout
-    if not connection.in_atomic_block:
-        connection.close()  # give the connection back (to the pool) while waiting
-    finished = async_to_sync(dispatch_and_wait)(query, timeout)
-    if not finished:
+    dispatch(query, stream=False)
+    if connection.vendor != "sqlite" and not connection.in_atomic_block:
+        # Give the connection back (to the pool; or free a server backend) while waiting. SQLite's
+        # is a file handle in this process: closing it would only cost a reopen for the read below.
+        connection.close()
+    if not wait_finished(query.pk, timeout):
         raise ApiError(
             "timeout",
             f"No answer within {timeout:g} s; the query goes on. Poll GET /v1/queries/{query.pk} for its outcome.",

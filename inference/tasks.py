@@ -151,8 +151,10 @@ def stop_heartbeat(**kwargs):
 
 
 @shared_task(name="inference.run_query", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_query(query_id: str) -> str | None:
-    """Run one query by id. Idempotent: a query already claimed or finished is not run again."""
+def run_query(query_id: str, stream: bool = True) -> str | None:
+    """Run one query by id. Idempotent: a query already claimed or finished is not run again.
+    ``stream`` off: nobody subscribed to its deltas (runner.execute); a message without it (the
+    sweeper's, an older web process's) streams."""
     if state.engine is None:  # only in a process that skipped worker start-up
         raise RuntimeError("this process has no model loaded")
     with state.lock:  # in the heartbeat from now on: the sweeper leaves a held query alone
@@ -167,6 +169,7 @@ def run_query(query_id: str) -> str | None:
             state.name,
             should_stop=workers.cancel_checker(query_id),
             model=settings.INFERENCE_MODEL_NAME,
+            stream=stream,
         )
         if outcome is None:
             _send_on_if_misrouted(query_id)
@@ -250,8 +253,9 @@ class CeleryDispatcher:
             raise LookupError(f"the model '{model}' is not in the registry (INFERENCE_MODELS)")
         return served.queue
 
-    def submit(self, query_id, model: str | None = None) -> None:
-        run_query.apply_async(args=[str(query_id)], queue=self.queue_of(model))
+    def submit(self, query_id, model: str | None = None, *, stream: bool = True) -> None:
+        kwargs = {} if stream else {"stream": False}
+        run_query.apply_async(args=[str(query_id)], kwargs=kwargs, queue=self.queue_of(model))
 
     def cancel(self, query_id) -> None:
         workers.request_cancel(query_id)
