@@ -11,6 +11,7 @@ django_asgi_app = get_asgi_application()  # set up Django before importing anyth
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from config.api_handler import ApiASGIHandler, split_by_path  # noqa: E402
 from config.limits import BodyLimitMiddleware  # noqa: E402
 from config.request_id import RequestIdMiddleware  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
@@ -21,7 +22,7 @@ from config.websocket import ApiOriginValidator  # noqa: E402
 application = RequestIdMiddleware(
     ProtocolTypeRouter(
         {
-            "http": BodyLimitMiddleware(django_asgi_app),
+            "http": BodyLimitMiddleware(split_by_path(django_asgi_app, ApiASGIHandler())),
             "websocket": ApiOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )

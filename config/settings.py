@@ -117,6 +117,14 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# The HTTP API (/v1/) runs a chain of its own (config/api_handler.py says why): no session, CSRF,
+# messages or static files, and the header middlewares inline on the event loop.
+API_MIDDLEWARE = [
+    "corsheaders.middleware.CorsMiddleware",
+    "config.api_handler.InlineSecurityMiddleware",
+    "config.api_handler.InlineCommonMiddleware",
+    "config.api_handler.InlineXFrameOptionsMiddleware",
+]
 
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = None
