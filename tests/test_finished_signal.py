@@ -1,0 +1,110 @@
+"""How a sync request learns that its query ended: the finished signal (inference/events.py), with
+the row as the fallback, and no deltas published for a query nobody streams.
+
+The embedded default runs here in-process (its worker thread, the tiny random model: its answers
+are noise); the Redis signal runs against the real Redis of TEST_REDIS_URL."""
+
+import asyncio
+import os
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from inference import events, runner, services
+from inference.models import Query
+
+
+@pytest.fixture
+def redis_signal(settings):
+    settings.EMBEDDED = False
+    settings.REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    settings.REDIS_KEY_PREFIX = f"sightline-test-finished-{uuid.uuid4().hex[:8]}"
+    yield
+    from config import redis as redis_keys
+
+    keys = list(redis_keys.client().scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*"))
+    if keys:
+        redis_keys.client().delete(*keys)
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
+def test_a_signal_is_taken_once_whether_it_came_before_or_after_the_wait(backend, request):
+    if backend == "redis":
+        request.getfixturevalue("redis_signal")
+    query_id = uuid.uuid4()
+    assert events.wait_finished(query_id, 0.05) is False  # nothing sent yet
+    events.signal_finished(query_id)  # before anyone waits: kept for the waiter
+    assert events.wait_finished(query_id, 1.0) is True
+    assert events.wait_finished(query_id, 0.05) is False  # taken
+    assert events.wait_finished(uuid.uuid4(), 0.05) is False  # another query's is its own
+
+
+def test_a_signal_sent_while_waiting_wakes_the_waiter(redis_signal):
+    query_id = uuid.uuid4()
+
+    async def scenario():
+        waiter = asyncio.create_task(asyncio.to_thread(events.wait_finished, query_id, 5.0))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        events.signal_finished(query_id)
+        return await asyncio.wait_for(waiter, 5.0)
+
+    assert async_to_sync(scenario)() is True
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lost_signal_costs_one_look_at_the_row(api_key, monkeypatch):
+    """The row is the record: a query ended without a signal (taken by another, or Redis away) is
+    still seen as ended within POLL_SECONDS."""
+    monkeypatch.setattr(services, "POLL_SECONDS", 0.1)
+    api_key, _ = api_key
+    data = services.check_input(prompt="hello?")
+    query = services.accept(api_key, data, endpoint=Query.Endpoint.GLM_INFER)
+    assert services.wait_finished(query.pk, 0.3) is False  # queued, never dispatched: no end
+    Query.objects.filter(pk=query.pk).update(status=Query.Status.FAILED, error_code="cancelled")
+    assert services.wait_finished(query.pk, 5.0) is True  # no signal was sent: the row said so
+
+    runner.fail(query.pk, "cancelled", "again")  # a no-op on an ended query: no signal either
+    assert events.wait_finished(query.pk, 0.05) is False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sync_query_publishes_no_deltas_and_a_streamed_one_does(api_key):
+    """``stream`` off (the sync endpoints, async jobs): the worker publishes no started, deltas or
+    done (nobody subscribed to them); a streamed query (SSE, websocket) gets all of them."""
+    from inference.dispatch import get_dispatcher
+
+    api_key, _ = api_key
+    assert get_dispatcher().wait_loaded(120)
+
+    def messages_of(stream: bool) -> tuple[Query, list[str]]:
+        data = services.check_input(prompt="Count to ten.", max_tokens=12)
+        query = services.accept(api_key, data, endpoint=Query.Endpoint.GLM_INFER)
+
+        async def listen():
+            seen = []
+            async with events.Subscription(query.pk) as subscription:
+                if stream:
+                    services.dispatch(query)
+                    while not seen or seen[-1] not in events.TERMINAL:
+                        message = await subscription.next(30)
+                        assert message is not None, seen
+                        seen.append(message["type"])
+                else:
+                    await asyncio.to_thread(services.run_sync, query, 60)
+                    while (message := await subscription.next(0.3)) is not None:
+                        seen.append(message["type"])
+            return seen
+
+        seen = async_to_sync(listen)()
+        return Query.objects.get(pk=query.pk), seen
+
+    # Streamed first: it also waits out the worker's start-up, whose recovery dispatches every
+    # queued row again (streamed, as a message that says nothing does).
+    ran, seen = messages_of(stream=True)
+    assert ran.status == Query.Status.SUCCEEDED
+    assert seen[0] == events.STARTED and events.TOKEN in seen and seen[-1] == events.DONE
+    ran, seen = messages_of(stream=False)
+    assert ran.status == Query.Status.SUCCEEDED and ran.completion_tokens
+    assert seen == []
