@@ -12,14 +12,14 @@ both processes (py-spy must be allowed to read them: root, or ptrace permitted),
 request at p50 (from the first, unprofiled pass):
 
   web in      the client's send -> the row's created_at, which is the admission's time (the body
-              read and parsed, the key looked up, the quota script)
-  to worker   created_at -> started_at (image checks and PNG encoding, the INSERTs, the
-              subscription, Celery's dispatch through Redis, the worker's claim)
+              read and parsed, the key looked up, the input checked)
+  to worker   created_at -> started_at (the price and the quota script, image checks and PNG
+              encoding, the INSERTs, Celery's dispatch through Redis, the worker's claim)
   first token started_at -> first_token_at (the row and its images read, PNG decoded, the
               scheduler's gathering window, template, prefill)
   decode      first_token_at -> finished_at
-  web out     finished_at -> the client has the answer (settlement, `done` published, the row read
-              again, the response)
+  web out     finished_at -> the client has the answer (the row written, settlement, the finished
+              signal, the row read again, the response)
 
 and from the second pass each process's time with the GIL held per request: by where the
 innermost frame is (this repository, each library, the standard library) and by this
