@@ -78,6 +78,7 @@ class Subscription:
         self.group = group_name(query_id)
         self.layer = layer or get_channel_layer()
         self.channel: str | None = None
+        self._receiving: asyncio.Future | None = None
 
     async def __aenter__(self) -> "Subscription":
         self.channel = await self.layer.new_channel()
@@ -85,15 +86,25 @@ class Subscription:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
+        if self._receiving is not None:
+            self._receiving.cancel()
         if self.channel is not None:
             await self.layer.group_discard(self.group, self.channel)
 
     async def next(self, timeout: float) -> dict | None:
-        """The next message, or None if none came within ``timeout`` seconds."""
-        try:
-            return await asyncio.wait_for(self.layer.receive(self.channel), timeout)
-        except TimeoutError:
+        """The next message, or None if none came within ``timeout`` seconds.
+
+        A wait that times out leaves its ``receive`` running for the next call instead of
+        cancelling it: ``channels_redis`` shares one receive loop among a process's channels, and a
+        receive cancelled while it held that loop could leave messages of other channels undelivered
+        (a stream at concurrency 32 then ended with its deltas unseen)."""
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(self.layer.receive(self.channel))
+        done, _ = await asyncio.wait({self._receiving}, timeout=timeout)
+        if not done:
             return None
+        receiving, self._receiving = self._receiving, None
+        return receiving.result()
 
 
 # --- the finished signal ------------------------------------------------------------------------

@@ -378,6 +378,11 @@ def _finished(query_id) -> bool:
 
 # Sent by ``follow`` when the row says the query ended but its last message never came.
 FINISHED = "query.finished"
+# How long ``follow`` keeps listening after the row says the query ended, before it gives up on
+# the messages: the worker writes the row before it publishes ``done``, and under load the web
+# process's receive loop delivered a whole answer's deltas ~1 s after the worker sent them (SSE at
+# concurrency 32 on 2 cores). Ending at the first look at the row streamed those answers empty.
+FINISHED_GRACE_SECONDS = 5.0
 # A client told to come back during a shutdown retries after this many seconds (another process).
 SHUTDOWN_RETRY_AFTER_SECONDS = 2
 
@@ -395,13 +400,15 @@ def shutdown_error(query_id) -> ApiError:
 async def follow(query: Query, timeout: float | None = None):
     """Subscribe to the query's messages, dispatch it, and yield its messages until it ends.
 
-    Ends after ``query.done`` / ``query.error`` (or ``FINISHED`` when the row shows an end whose
-    message was lost); stops silently once ``timeout`` seconds have passed. When the process starts
-    shutting down it ends with a ``query.error`` of code ``service_unavailable`` flagged
-    ``shutdown``: the client is told to poll, and the query is not cancelled (it goes on).
+    Ends after ``query.done`` / ``query.error`` (or ``FINISHED`` when the row shows an end and no
+    message came for FINISHED_GRACE_SECONDS since: the last messages were lost); stops silently
+    once ``timeout`` seconds have passed. When the process starts shutting down it ends with a
+    ``query.error`` of code ``service_unavailable`` flagged ``shutdown``: the client is told to
+    poll, and the query is not cancelled (it goes on).
     """
     loop_time = asyncio.get_running_loop().time
     deadline = None if timeout is None else loop_time() + timeout
+    ended_at = None  # when the row was first seen ended while its last message had not come
     async with events.Subscription(query.pk) as subscription:
         await sync_to_async(dispatch, thread_sensitive=False)(query)
         while True:
@@ -422,7 +429,10 @@ async def follow(query: Query, timeout: float | None = None):
                     return
             message = await subscription.next(wait)
             if message is None:
-                if await sync_to_async(_finished, thread_sensitive=False)(query.pk):
+                if ended_at is None:
+                    if await sync_to_async(_finished, thread_sensitive=False)(query.pk):
+                        ended_at = loop_time()
+                elif loop_time() - ended_at >= FINISHED_GRACE_SECONDS:
                     yield {"type": FINISHED, "query_id": str(query.pk)}
                     return
                 continue

@@ -108,3 +108,44 @@ def test_a_sync_query_publishes_no_deltas_and_a_streamed_one_does(api_key):
     ran, seen = messages_of(stream=False)
     assert ran.status == Query.Status.SUCCEEDED and ran.completion_tokens
     assert seen == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_waits_for_messages_that_come_after_the_row_ended(api_key, monkeypatch):
+    """The worker writes the row, then publishes ``done``; under load the deltas reached the web
+    process after the row said "ended" (SSE at concurrency 32 on 2 cores streamed empty answers).
+    ``follow`` keeps listening for FINISHED_GRACE_SECONDS after it sees the row ended, and yields
+    ``FINISHED`` only when nothing came in that time."""
+    monkeypatch.setattr(services, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(services, "FINISHED_GRACE_SECONDS", 1.0)
+    api_key, _ = api_key
+
+    def ended_query() -> Query:
+        data = services.check_input(prompt="late?")
+        query = services.accept(api_key, data, endpoint=Query.Endpoint.CHAT_COMPLETIONS)
+        # Ended before anyone runs it: the dispatch in follow() finds nothing queued to run.
+        Query.objects.filter(pk=query.pk).update(status=Query.Status.SUCCEEDED, answer="late answer")
+        return query
+
+    async def listen(query, late_after: float | None):
+        seen = []
+        if late_after is not None:
+
+            async def publish_late():
+                await asyncio.sleep(late_after)  # the row was seen ended well before this
+                publisher = events.Publisher()
+                piece = {"choice": 0, "text": "late answer", "reasoning": "", "tool_calls": [], "logprobs": []}
+                await asyncio.to_thread(
+                    publisher.publish, query.pk, {"type": events.TOKEN, "query_id": str(query.pk), "pieces": [piece]}
+                )
+                await asyncio.to_thread(publisher.publish, query.pk, {"type": events.DONE, "query_id": str(query.pk)})
+
+            late = asyncio.ensure_future(publish_late())
+        async for message in services.follow(query, timeout=30):
+            seen.append(message["type"])
+        if late_after is not None:
+            await late
+        return seen
+
+    assert async_to_sync(listen)(ended_query(), 0.6) == [events.TOKEN, events.DONE]
+    assert async_to_sync(listen)(ended_query(), None) == [services.FINISHED]
