@@ -30,8 +30,10 @@ def _manage(env, *args) -> str:
     return result.stdout.strip()
 
 
-@pytest.fixture
-def server(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    """One server for the module's tests (its start, migrations and model load are most of their time)."""
+    tmp_path = tmp_path_factory.mktemp("schemathesis")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
     env.update(
