@@ -29,6 +29,7 @@ import redis
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
+from redis.exceptions import LockError
 
 from accounts import quotas
 from config import models_registry, money
@@ -296,17 +297,39 @@ def recover_lost_redis() -> dict:
     return {"keys_restored": keys, "redispatched": requeued}
 
 
+# The sweeper's lock lives this long unless its holder renews it (every third of it, while it
+# sweeps). It was 60 s with no renewal: a worker SIGKILLed mid-sweep (it sweeps every second) left
+# it held for a minute, and no query it had been running ended worker_lost meanwhile.
+SWEEPER_LOCK_SECONDS = 10.0
+
+
 def sweep_with_lock(publisher=None, **options) -> dict | None:
-    """Run the sweeper unless another worker is running it now."""
-    lock = client().lock(_key("sweeper"), timeout=60, blocking=False)
+    """Run the sweeper unless another worker is running it now. The lock is renewed while this
+    sweep runs, however long it takes, and lapses SWEEPER_LOCK_SECONDS after its holder died."""
+    # thread_local=False: the renewing thread must see the token the acquiring thread got.
+    lock = client().lock(_key("sweeper"), timeout=SWEEPER_LOCK_SECONDS, blocking=False, thread_local=False)
     if not lock.acquire(blocking=False):
         return None
+    done = threading.Event()
+
+    def renew():
+        while not done.wait(SWEEPER_LOCK_SECONDS / 3):
+            try:
+                lock.extend(SWEEPER_LOCK_SECONDS, replace_ttl=True)
+            except (redis.RedisError, LockError):  # lost it (Redis away, or expired): the sweep ends anyway
+                logger.warning("could not renew the sweeper's lock", exc_info=True)
+                return
+
+    renewer = threading.Thread(target=renew, name="sightline-sweeper-lock", daemon=True)
+    renewer.start()
     try:
         return sweep(publisher=publisher, **options)
     finally:
+        done.set()
+        renewer.join()
         try:
             lock.release()
-        except redis.RedisError:
+        except (redis.RedisError, LockError):
             pass
 
 
