@@ -29,7 +29,6 @@ import redis
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
-from redis.exceptions import LockError
 
 from accounts import quotas
 from config import models_registry, money
@@ -316,7 +315,7 @@ def sweep_with_lock(publisher=None, **options) -> dict | None:
         while not done.wait(SWEEPER_LOCK_SECONDS / 3):
             try:
                 lock.extend(SWEEPER_LOCK_SECONDS, replace_ttl=True)
-            except (redis.RedisError, LockError):  # lost it (Redis away, or expired): the sweep ends anyway
+            except redis.RedisError:  # lost it (Redis away, or expired: a LockError): the sweep ends anyway
                 logger.warning("could not renew the sweeper's lock", exc_info=True)
                 return
 
@@ -329,7 +328,7 @@ def sweep_with_lock(publisher=None, **options) -> dict | None:
         renewer.join()
         try:
             lock.release()
-        except (redis.RedisError, LockError):
+        except redis.RedisError:
             pass
 
 
