@@ -20,6 +20,8 @@ import uuid
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from config import redis as redis_keys
+
 logger = logging.getLogger("sightline.events")
 
 STARTED = "query.started"
@@ -120,19 +122,13 @@ class _RedisFinished:
 
     @staticmethod
     def _key(query_id) -> str:
-        from config import redis as redis_keys
-
         return redis_keys.key("finished", uuid.UUID(str(query_id)).hex)
 
     def send(self, query_id) -> None:
-        from config import redis as redis_keys
-
         key = self._key(query_id)
         redis_keys.client().pipeline(transaction=False).rpush(key, 1).expire(key, FINISHED_SIGNAL_TTL_SECONDS).execute()
 
     def wait(self, query_id, timeout: float) -> bool:
-        from config import redis as redis_keys
-
         return redis_keys.client().blpop([self._key(query_id)], timeout=max(timeout, 0.001)) is not None
 
 
