@@ -164,7 +164,7 @@ else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)  # the embedded default's SQLite file lives there
     DATABASES = {
         "default": {
-            "ENGINE": "django.db.backends.sqlite3",
+            "ENGINE": "config.sqlite_pool",
             "NAME": str(VAR_DIR / "sightline.sqlite3"),
             # WAL with synchronous=NORMAL: a commit is not synced to disk (a checkpoint is). The
             # database stays consistent through any crash; a power loss or OS crash may undo the
@@ -175,10 +175,12 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
-            # Connections stay open (one per thread). Closed after every request, the last one to
-            # close made SQLite checkpoint the WAL and delete it, and the next one create it again:
-            # ~12 fdatasync calls per /v1/glm/infer request on the embedded default.
-            "CONN_MAX_AGE": None,
+            # A connection is given back at the end of each request (and each query of a worker
+            # thread) and reused by the next (config/sqlite_pool): the ASGI handler runs every
+            # request in a new thread, which opened a connection of its own each time. Connections
+            # are never closed for good meanwhile: the last one to close made SQLite checkpoint the
+            # WAL and delete it, and the next one create it again (~12 fdatasync calls a request).
+            "CONN_MAX_AGE": 0,
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
