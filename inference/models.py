@@ -74,6 +74,14 @@ class Query(models.Model):
     cost = models.DecimalField(
         max_digits=24, decimal_places=9, null=True, blank=True, help_text="its cost, stored when it settled"
     )
+    # Its model's price at its creation, as the admission read it (a ModelPrice row's three values;
+    # all zero when the model had none): its settlement costs it at this price without reading the
+    # prices again. Null on rows written before they were recorded, or without an admission: those
+    # are priced from ModelPrice at created_at, which gives the same (prices in effect are never
+    # rewritten).
+    price_input_per_million = models.DecimalField(max_digits=18, decimal_places=9, null=True, blank=True)
+    price_output_per_million = models.DecimalField(max_digits=18, decimal_places=9, null=True, blank=True)
+    price_per_image = models.DecimalField(max_digits=18, decimal_places=9, null=True, blank=True)
 
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)

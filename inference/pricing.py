@@ -33,6 +33,22 @@ def worst_case(model: str, at: datetime, *, prompt_tokens: int, completion_token
     )
 
 
+def recorded(price: money.Price) -> dict:
+    """A price as a query row records it (``Query.price_*``)."""
+    return {
+        "price_input_per_million": price.input_per_million,
+        "price_output_per_million": price.output_per_million,
+        "price_per_image": price.per_image,
+    }
+
+
+def price_of_query(query: Query) -> money.Price:
+    """The price of ``query``'s creation: as its admission recorded it on the row, else read again."""
+    if query.price_input_per_million is None:
+        return price_at(query.model, query.created_at)
+    return money.Price(query.price_input_per_million, query.price_output_per_million, query.price_per_image)
+
+
 def query_cost(query: Query, *, images: int | None = None) -> Decimal:
     """What a finished query costs: its tokens and its images at its model's price of its creation.
     Its images count only when the model read them (the worker wrote its prompt tokens): a query
@@ -42,7 +58,7 @@ def query_cost(query: Query, *, images: int | None = None) -> Decimal:
     elif images is None:
         images = query.images.count()
     return money.cost(
-        price_at(query.model, query.created_at),
+        price_of_query(query),
         prompt_tokens=query.prompt_tokens or 0,
         completion_tokens=query.completion_tokens or 0,
         images=images,

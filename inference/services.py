@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from accounts import quotas
-from config import models_registry, shutdown
+from config import models_registry, money, shutdown
 from config.errors import STATUS, ApiError
 from inference import chat, events, imagestore, pricing, runner, validation
 from inference.dispatch import get_dispatcher
@@ -196,6 +196,7 @@ def accept(
     endpoint: str,
     client: ClientInfo | None = None,
     admission=None,
+    price: money.Price | None = None,
     model: str | None = None,
     extra_params: dict | None = None,
 ) -> Query:
@@ -204,7 +205,8 @@ def accept(
 
     The images are stored whatever the tenant's privacy mode: the worker reads them to run the
     query. In ``no_images`` and ``metadata`` mode they are removed when the query settles
-    (inference/privacy.py)."""
+    (inference/privacy.py). ``price``: the model's price at the admission's instant, recorded on
+    the row with it."""
     client = client or ClientInfo()
     pngs = [image.normalised_png() for image in data.images]  # before the transaction: no lock held meanwhile
     keys = [imagestore.key_for(api_key.tenant_id, png) for png in pngs]
@@ -218,6 +220,8 @@ def accept(
         if admission
         else {}
     )
+    if admission and price is not None:  # the price at created_at: settlement need not read it again
+        identity.update(pricing.recorded(price))
     try:
         query = _write(api_key, data, endpoint, client, admission, model, extra_params, identity, pngs, keys)
     except BaseException:
@@ -306,6 +310,7 @@ def submit(
     # n choices may each write max_tokens: the reservation covers them all. The budgets reserve its
     # worst-case cost at its model's price of this instant, which becomes the row's created_at.
     at = quotas.now()
+    price = pricing.price_at(model, at)
     admission = quotas.admit(
         api_key,
         prompt="\n".join(conversation.texts),
@@ -313,13 +318,20 @@ def submit(
         max_tokens=params.max_tokens * choices,
         model=model,
         endpoint=endpoint,
-        price=pricing.price_at(model, at),
+        price=price,
         at=at,
     )
     try:
         data = _input(conversation, params, check_images(images, params=conversation.image_params))
         query = accept(
-            api_key, data, endpoint=endpoint, client=client, admission=admission, model=model, extra_params=extra_params
+            api_key,
+            data,
+            endpoint=endpoint,
+            client=client,
+            admission=admission,
+            price=price,
+            model=model,
+            extra_params=extra_params,
         )
     except BaseException as exc:
         try:

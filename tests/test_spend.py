@@ -156,6 +156,53 @@ def _finished(api_key, *, created_at, prompt_tokens, completion_tokens, images=0
     return Query.objects.get(pk=query.pk)
 
 
+def test_the_admission_records_the_price_its_settlement_charges():
+    """The row keeps its model's price of its creation as the admission read it, and settlement
+    charges that, without reading the prices again: a price row rewritten afterwards (only the ORM
+    can; the admin never rewrites one in effect) changes nothing. A row without a recorded price
+    (written before they were recorded) is priced from the price rows, as before."""
+    tenant = _tenant()
+    key, _ = accounts.create_api_key(tenant, "recorded")
+    _price("1.00", "2.00", "0.01")
+    query = services.submit(key, endpoint=Query.Endpoint.GLM_INFER, prompt="hello", max_tokens=8)
+    row = Query.objects.get(pk=query.pk)
+    assert (row.price_input_per_million, row.price_output_per_million, row.price_per_image) == (
+        D("1.00"),
+        D("2.00"),
+        D("0.01"),
+    )
+    assert pricing.price_of_query(row) == money.Price(D("1.00"), D("2.00"), D("0.01"))
+
+    ModelPrice.objects.filter(model=MODEL).update(input_per_million=D("100"), output_per_million=D("200"))
+    now = timezone.now()
+    Query.objects.filter(pk=query.pk).update(
+        status=Query.Status.SUCCEEDED, prompt_tokens=1000, completion_tokens=500, started_at=now, finished_at=now
+    )
+    assert runner.settle(query.pk)
+    assert Query.objects.get(pk=query.pk).cost == D("0.001") + D("0.001") == D("0.002000000")
+
+    # Without a recorded price: the rows are read (at the rewritten price, here).
+    older = services.submit(key, endpoint=Query.Endpoint.GLM_INFER, prompt="hello", max_tokens=8)
+    now = timezone.now()
+    Query.objects.filter(pk=older.pk).update(
+        price_input_per_million=None,
+        price_output_per_million=None,
+        price_per_image=None,
+        status=Query.Status.SUCCEEDED,
+        prompt_tokens=1000,
+        completion_tokens=500,
+        started_at=now,
+        finished_at=now,
+    )
+    assert runner.settle(older.pk)
+    assert Query.objects.get(pk=older.pk).cost == D("0.1") + D("0.1") == D("0.200000000")
+
+    # A model without a price records a zero price: it costs nothing.
+    ModelPrice.objects.filter(model=MODEL).delete()
+    free = services.submit(key, endpoint=Query.Endpoint.GLM_INFER, prompt="hello", max_tokens=8)
+    assert Query.objects.get(pk=free.pk).price_input_per_million == 0
+
+
 # --- a price change mid-month ---------------------------------------------------------------------
 def test_a_price_change_mid_month_prices_each_query_by_its_creation(settings):
     """Queries before the change keep the old price, those after get the new one, whenever they
