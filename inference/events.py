@@ -12,15 +12,22 @@ event loop's hops and a message per delta (profile in bench/README.md).
 """
 
 import asyncio
+import copy
+import json
 import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, models
 
 from config import redis as redis_keys
+from inference.models import Query
 
 logger = logging.getLogger("sightline.events")
 
@@ -113,23 +120,82 @@ class Subscription:
 # A signal no one takes (an async job, a client gone) expires after this long; a waiter that comes
 # later still finds it within that time, and after it the row says the query ended.
 FINISHED_SIGNAL_TTL_SECONDS = 600
+# What a signal carrying the row leaves out: the input (a metadata-mode query loses it when it
+# settles). Left out, these fields are deferred: read from the row if the waiter asks for them.
+ROW_LEFT_OUT = ("prompt", "messages", "client_ip", "user_agent")
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A taken finished signal: ``row``, the query as its ender wrote it (its input deferred), when
+    the signal carried it; else None, and the waiter reads the row."""
+
+    row: Query | None = None
+
+
+def _carried_fields():
+    return [field for field in Query._meta.concrete_fields if field.name not in ROW_LEFT_OUT]
+
+
+def _plain(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    raise TypeError(f"cannot carry a {type(value).__name__}")
+
+
+def row_payload(query: Query) -> str:
+    """The row as the finished signal carries it through Redis (JSON; the input left out)."""
+    return json.dumps({field.attname: field.value_from_object(query) for field in _carried_fields()}, default=_plain)
+
+
+def row_from_payload(text: str | bytes) -> Query:
+    """The row ``row_payload`` wrote, as a model instance read from the database (input deferred)."""
+    data = json.loads(text)
+    names, values = [], []
+    for field in _carried_fields():
+        names.append(field.attname)
+        value = data[field.attname]
+        values.append(value if isinstance(field, models.JSONField) else field.to_python(value))
+    return Query.from_db(DEFAULT_DB_ALIAS, names, values)
+
+
+def _without_input(query: Query) -> Query:
+    row = copy.copy(query)
+    for name in ROW_LEFT_OUT:  # deferred: read from the row when asked for
+        row.__dict__.pop(Query._meta.get_field(name).attname, None)
+    return row
 
 
 class _RedisFinished:
     """Production: a one-element Redis list per query, pushed by whoever ended the query (a worker,
     the sweeper, a web process) and popped by the web process that waits (``BLPOP``). The list
-    outlives a waiter that is not there yet, so the order of end and wait does not matter."""
+    outlives a waiter that is not there yet, so the order of end and wait does not matter. Its
+    element is ``1``, or the row (``row_payload``)."""
 
     @staticmethod
     def _key(query_id) -> str:
         return redis_keys.key("finished", uuid.UUID(str(query_id)).hex)
 
-    def send(self, query_id) -> None:
+    def send(self, query_id, row: Query | None = None) -> None:
         key = self._key(query_id)
-        redis_keys.client().pipeline(transaction=False).rpush(key, 1).expire(key, FINISHED_SIGNAL_TTL_SECONDS).execute()
+        element = 1 if row is None else row_payload(row)
+        pipe = redis_keys.client().pipeline(transaction=False)
+        pipe.rpush(key, element).expire(key, FINISHED_SIGNAL_TTL_SECONDS).execute()
 
-    def wait(self, query_id, timeout: float) -> bool:
-        return redis_keys.client().blpop([self._key(query_id)], timeout=max(timeout, 0.001)) is not None
+    def wait(self, query_id, timeout: float) -> Finished | None:
+        popped = redis_keys.client().blpop([self._key(query_id)], timeout=max(timeout, 0.001))
+        if popped is None:
+            return None
+        element = popped[1]
+        if element in (b"1", "1"):
+            return Finished()
+        try:
+            return Finished(row_from_payload(element))
+        except Exception:  # noqa: BLE001 - a payload of another release: the row says the same
+            logger.warning("could not read the row carried by the signal of query %s", query_id, exc_info=True)
+            return Finished()
 
 
 class _LocalFinished:
@@ -137,26 +203,26 @@ class _LocalFinished:
 
     def __init__(self):
         self._condition = threading.Condition()
-        self._ended: dict[str, float] = {}  # query id -> when (monotonic), oldest first
+        self._ended: dict[str, tuple[float, Query | None]] = {}  # query id -> (when, row), oldest first
 
-    def send(self, query_id) -> None:
+    def send(self, query_id, row: Query | None = None) -> None:
         now = time.monotonic()
         with self._condition:
-            self._ended[str(query_id)] = now
+            self._ended[str(query_id)] = (now, None if row is None else _without_input(row))
             while self._ended:  # forget signals nobody took (an async job's)
-                oldest, at = next(iter(self._ended.items()))
+                oldest, (at, _row) = next(iter(self._ended.items()))
                 if now - at < FINISHED_SIGNAL_TTL_SECONDS:
                     break
                 del self._ended[oldest]
             self._condition.notify_all()
 
-    def wait(self, query_id, timeout: float) -> bool:
+    def wait(self, query_id, timeout: float) -> Finished | None:
         key = str(query_id)
         with self._condition:
             if self._condition.wait_for(lambda: key in self._ended, timeout):
-                del self._ended[key]
-                return True
-            return False
+                _at, row = self._ended.pop(key)
+                return Finished(row)
+            return None
 
 
 _local_finished = _LocalFinished()
@@ -167,16 +233,18 @@ def _finished_signal():
     return _local_finished if settings.EMBEDDED else _redis_finished
 
 
-def signal_finished(query_id) -> None:
-    """Tell a waiter that the query's row now holds its outcome. Never raises: a lost signal costs
-    the waiter at most one poll of the row (services.wait_finished)."""
+def signal_finished(query_id, row: Query | None = None) -> None:
+    """Tell a waiter that the query's row now holds its outcome; ``row``, the row as written, spares
+    the waiter reading it. Only for a query whose caller waits on the signal (a sync request): one
+    nobody takes holds its row until it expires. Never raises: a lost signal costs the waiter at
+    most one poll of the row (services.wait_finished)."""
     try:
-        _finished_signal().send(query_id)
+        _finished_signal().send(query_id, row)
     except Exception:  # noqa: BLE001 - Redis away: the waiter finds the outcome in the row
         logger.warning("could not signal the end of query %s", query_id, exc_info=True)
 
 
-def wait_finished(query_id, timeout: float) -> bool:
-    """True once the query's finished signal came (taking it), False after ``timeout`` seconds.
+def wait_finished(query_id, timeout: float) -> Finished | None:
+    """The query's finished signal once it came (taking it), None after ``timeout`` seconds.
     Raises on a Redis error (the caller falls back to the row)."""
     return _finished_signal().wait(query_id, timeout)

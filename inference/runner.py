@@ -21,6 +21,10 @@ from inference.models import Query
 
 logger = logging.getLogger("sightline.runner")
 
+# Endpoints whose requests wait for the answer (without ``stream``) on the finished signal, which
+# then carries the row; an async job's or a websocket's would hold it in Redis unread.
+WAITED_ON = (Query.Endpoint.GLM_INFER, Query.Endpoint.CHAT_COMPLETIONS, Query.Endpoint.RESPONSES)
+
 
 def claim(query_id, worker: str, model: str | None = None) -> Query | None:
     """Mark a queued query running and return its row as updated. None when another worker has it,
@@ -77,8 +81,10 @@ def settle(query_id, *, query: Query | None = None, images: int | None = None) -
         return False
     with transaction.atomic():
         settled = Query.objects.filter(pk=query_id, settled_at__isnull=True)
-        if not settled.update(settled_at=timezone.now(), cost=query.cost):
+        now = timezone.now()
+        if not settled.update(settled_at=now, cost=query.cost):
             return False
+        query.settled_at = now
         usage.record_outcome(query)
         privacy.on_settle(query)  # what the tenant's privacy mode does not keep goes now
     return True
@@ -321,8 +327,11 @@ def execute(
         return None
     for field, value in ended.items():  # the row as written, for settle (no second read)
         setattr(query, field, value)
-    settle(query_id, query=query, images=len(request.images))
-    events.signal_finished(query_id)
+    settled = settle(query_id, query=query, images=len(request.images))
+    # A sync request waits on the signal: it carries the row as settled, which the request then
+    # need not read (not settled here: the row will change, the request reads it).
+    carry = settled and not stream and query.endpoint in WAITED_ON
+    events.signal_finished(query_id, row=query if carry else None)
     if not stream:
         return Query.Status.SUCCEEDED
     publisher.publish(

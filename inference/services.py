@@ -453,9 +453,9 @@ async def follow(query: Query, timeout: float | None = None):
                 return
 
 
-def wait_finished(query_id, timeout: float) -> bool:
+def wait_finished(query_id, timeout: float) -> events.Finished | None:
     """Wait for the query's end: its finished signal (inference/events.py), with a look at the row
-    every POLL_SECONDS in case the signal was lost. False when ``timeout`` passed first; raises
+    every POLL_SECONDS in case the signal was lost. None when ``timeout`` passed first; raises
     ``service_unavailable`` when the process shuts down first (the query goes on)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -463,15 +463,16 @@ def wait_finished(query_id, timeout: float) -> bool:
             raise shutdown_error(query_id)
         left = deadline - time.monotonic()
         if left <= 0:
-            return False
+            return None
         try:
-            if events.wait_finished(query_id, min(POLL_SECONDS, left)):
-                return True
+            finished = events.wait_finished(query_id, min(POLL_SECONDS, left))
+            if finished is not None:
+                return finished
         except Exception:  # noqa: BLE001 - Redis away: the row says when it ends
             logger.warning("could not wait for the end of query %s; reading its row", query_id, exc_info=True)
             time.sleep(min(POLL_SECONDS, max(left, 0)))
         if _finished(query_id):
-            return True
+            return events.Finished()
 
 
 def run_sync(query: Query, timeout: float | None = None) -> Query:
@@ -479,7 +480,8 @@ def run_sync(query: Query, timeout: float | None = None) -> Query:
 
     Past ``timeout`` seconds this raises ``timeout``, and when the process shuts down meanwhile
     ``service_unavailable`` with ``Retry-After``; either way the query goes on and can be polled.
-    The wait blocks this request's thread on one Redis read (no event loop, no channel layer).
+    The wait blocks this request's thread on one Redis read (no event loop, no channel layer), and
+    the row usually comes with the signal (else it is read).
     """
     timeout = settings.SYNC_TIMEOUT if timeout is None else timeout
     dispatch(query, stream=False)
@@ -487,13 +489,14 @@ def run_sync(query: Query, timeout: float | None = None) -> Query:
         # Give the connection back (to the pool; or free a server backend) while waiting. SQLite's
         # is a file handle in this process: closing it would only cost a reopen for the read below.
         connection.close()
-    if not wait_finished(query.pk, timeout):
+    finished = wait_finished(query.pk, timeout)
+    if finished is None:
         raise ApiError(
             "timeout",
             f"No answer within {timeout:g} s; the query goes on. Poll GET /v1/queries/{query.pk} for its outcome.",
             query_id=query.pk,
         )
-    return Query.objects.get(pk=query.pk)
+    return finished.row if finished.row is not None else Query.objects.get(pk=query.pk)
 
 
 def run_sync_or_raise(query: Query, timeout: float | None = None) -> Query:

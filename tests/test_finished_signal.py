@@ -33,11 +33,11 @@ def test_a_signal_is_taken_once_whether_it_came_before_or_after_the_wait(backend
     if backend == "redis":
         request.getfixturevalue("redis_signal")
     query_id = uuid.uuid4()
-    assert events.wait_finished(query_id, 0.05) is False  # nothing sent yet
+    assert events.wait_finished(query_id, 0.05) is None  # nothing sent yet
     events.signal_finished(query_id)  # before anyone waits: kept for the waiter
-    assert events.wait_finished(query_id, 1.0) is True
-    assert events.wait_finished(query_id, 0.05) is False  # taken
-    assert events.wait_finished(uuid.uuid4(), 0.05) is False  # another query's is its own
+    assert events.wait_finished(query_id, 1.0) == events.Finished(row=None)
+    assert events.wait_finished(query_id, 0.05) is None  # taken
+    assert events.wait_finished(uuid.uuid4(), 0.05) is None  # another query's is its own
 
 
 def test_a_signal_sent_while_waiting_wakes_the_waiter(redis_signal):
@@ -50,7 +50,45 @@ def test_a_signal_sent_while_waiting_wakes_the_waiter(redis_signal):
         events.signal_finished(query_id)
         return await asyncio.wait_for(waiter, 5.0)
 
-    assert async_to_sync(scenario)() is True
+    assert async_to_sync(scenario)() == events.Finished(row=None)
+
+
+def _carried_and_left_out(row: Query) -> tuple[dict, dict]:
+    left_out = {Query._meta.get_field(name).attname for name in events.ROW_LEFT_OUT}
+    carried = {f.attname: f.value_from_object(row) for f in Query._meta.concrete_fields if f.attname not in left_out}
+    return carried, left_out
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
+def test_a_signal_can_carry_the_row_as_written_with_its_input_deferred(backend, request, api_key):
+    """The waiter gets the row without reading it: every field as the database has it, but the
+    input (which a metadata-mode query loses when it settles), read from the row when asked for."""
+    if backend == "redis":
+        request.getfixturevalue("redis_signal")
+    api_key, _ = api_key
+    data = services.check_input(prompt="carried?", max_tokens=8)
+    query = services.accept(api_key, data, endpoint=Query.Endpoint.GLM_INFER)
+    Query.objects.filter(pk=query.pk).update(
+        status=Query.Status.SUCCEEDED,
+        answer="an answer",
+        tool_calls=[{"id": "c1", "name": "f", "arguments": "{}"}],
+        prompt_tokens=7,
+        completion_tokens=3,
+        finished_at=query.created_at,
+        cost="0.000000123",
+    )
+    written = Query.objects.get(pk=query.pk)
+    events.signal_finished(query.pk, row=written)
+    Query.objects.filter(pk=query.pk).update(prompt="")  # as a metadata-mode settlement blanks it
+
+    finished = events.wait_finished(query.pk, 1.0)
+    assert finished is not None and finished.row is not None
+    carried, left_out = _carried_and_left_out(written)
+    assert _carried_and_left_out(finished.row)[0] == carried
+    assert finished.row.get_deferred_fields() == left_out
+    assert finished.row.prompt == ""  # deferred: read from the row as it is now
+    assert events.wait_finished(query.pk, 0.05) is None  # taken
 
 
 @pytest.mark.django_db(transaction=True)
@@ -61,12 +99,12 @@ def test_a_lost_signal_costs_one_look_at_the_row(api_key, monkeypatch):
     api_key, _ = api_key
     data = services.check_input(prompt="hello?")
     query = services.accept(api_key, data, endpoint=Query.Endpoint.GLM_INFER)
-    assert services.wait_finished(query.pk, 0.3) is False  # queued, never dispatched: no end
+    assert services.wait_finished(query.pk, 0.3) is None  # queued, never dispatched: no end
     Query.objects.filter(pk=query.pk).update(status=Query.Status.FAILED, error_code="cancelled")
-    assert services.wait_finished(query.pk, 5.0) is True  # no signal was sent: the row said so
+    assert services.wait_finished(query.pk, 5.0) == events.Finished(row=None)  # no signal: the row said so
 
     runner.fail(query.pk, "cancelled", "again")  # a no-op on an ended query: no signal either
-    assert events.wait_finished(query.pk, 0.05) is False
+    assert events.wait_finished(query.pk, 0.05) is None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -108,6 +146,29 @@ def test_a_sync_query_publishes_no_deltas_and_a_streamed_one_does(api_key):
     ran, seen = messages_of(stream=False)
     assert ran.status == Query.Status.SUCCEEDED and ran.completion_tokens
     assert seen == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sync_request_gets_the_settled_row_with_its_signal_and_an_async_job_does_not(api_key):
+    """The worker hands a sync request (its endpoint waits) the row as it wrote and settled it: the
+    request answers without reading it. An async job's signal carries nothing (nobody takes it)."""
+    from inference.dispatch import get_dispatcher
+
+    api_key, _ = api_key
+    assert get_dispatcher().wait_loaded(120)
+    data = services.check_input(prompt="Count to ten.", max_tokens=12)
+    query = services.accept(api_key, data, endpoint=Query.Endpoint.GLM_INFER)
+    done = services.run_sync(query, 60)
+    stored = Query.objects.get(pk=query.pk)
+    assert stored.status == Query.Status.SUCCEEDED and stored.settled_at is not None
+    carried, left_out = _carried_and_left_out(stored)
+    assert done.get_deferred_fields() == left_out  # it came with the signal: never read
+    assert _carried_and_left_out(done)[0] == carried
+
+    job = services.accept(api_key, data, endpoint=Query.Endpoint.QUERIES)
+    services.dispatch(job, stream=False)
+    assert services.wait_finished(job.pk, 60) == events.Finished(row=None)
+    assert Query.objects.get(pk=job.pk).status == Query.Status.SUCCEEDED
 
 
 @pytest.mark.django_db(transaction=True)
