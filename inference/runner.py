@@ -15,7 +15,7 @@ from django.conf import settings
 from django.utils import timezone
 from PIL import Image
 
-from inference import events, selectors
+from inference import events, handoff, selectors
 from inference.engine import Choice, Delta, EngineError, EngineRequest, Result, SamplingParams
 from inference.models import Query
 
@@ -129,11 +129,15 @@ def usage_of(result: Result) -> dict:
 
 def engine_request(query: Query) -> EngineRequest:
     """What the engine is asked, from the stored query: its conversation and images, and its params."""
-    messages, images = selectors.conversation_of(query)
-    pictures = []
-    for content in images:
-        with Image.open(io.BytesIO(content)) as stored:
-            pictures.append(stored.convert("RGB"))
+    pictures = handoff.take(query.pk)  # the embedded default's request left them decoded
+    if pictures is not None and len(pictures) == query.stored_images:
+        messages = selectors.messages_of(query, len(pictures))
+    else:
+        messages, images = selectors.conversation_of(query)
+        pictures = []
+        for content in images:
+            with Image.open(io.BytesIO(content)) as stored:
+                pictures.append(stored.convert("RGB"))
     params = query.params
     sampling = SamplingParams(
         max_new_tokens=int(params.get("max_tokens", settings.DEFAULT_MAX_TOKENS)),

@@ -123,12 +123,16 @@ def image_bytes(image: QueryImage) -> bytes:
 def conversation_of(query: Query) -> tuple[list, list[bytes]]:
     """What the engine is asked: the query's conversation in the chat template's form, and its
     normalised images (PNG bytes, read from image storage) in order, the k-th standing for the
-    k-th ``{"type": "image"}`` part. A row written before conversations were stored asks its
-    prompt about its images."""
+    k-th ``{"type": "image"}`` part."""
     rows = query.images.only("id", "query_id", "position", "key").order_by("position")
     images = [image_bytes(image) for image in rows]
-    messages = query.messages or chat.one_turn(query.prompt, len(images))
-    return messages, images
+    return messages_of(query, len(images)), images
+
+
+def messages_of(query: Query, images: int) -> list:
+    """The query's conversation in the chat template's form. A row written before conversations
+    were stored asks its prompt about its ``images``."""
+    return query.messages or chat.one_turn(query.prompt, images)
 
 
 def usage_totals(tenant_id, since, api_key_id=None) -> dict:

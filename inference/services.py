@@ -17,7 +17,7 @@ from django.db import connection, transaction
 from accounts import quotas
 from config import models_registry, money, shutdown
 from config.errors import STATUS, ApiError
-from inference import chat, events, imagestore, pricing, runner, validation
+from inference import chat, events, handoff, imagestore, pricing, runner, validation
 from inference.dispatch import get_dispatcher
 from inference.engine import tiny_model
 from inference.images import CheckedImage, check_image
@@ -231,6 +231,7 @@ def accept(
             except Exception:
                 logger.warning("could not delete the images of a query that was not written", exc_info=True)
         raise
+    handoff.give(query.pk, [image.image for image in data.images])  # embedded: to its worker thread, decoded
     return query
 
 
