@@ -102,3 +102,38 @@ def test_oversize_base64_is_refused_before_decoding(settings):
     with pytest.raises(ApiError) as info:
         decode_base64_image("A" * 4000)
     assert info.value.code == "image_too_large"
+
+
+def _pixels(png: bytes) -> tuple:
+    with Image.open(io.BytesIO(png)) as stored:
+        return stored.mode, stored.size, stored.convert("RGB").tobytes()
+
+
+def test_a_plain_rgb_png_is_stored_as_sent_and_anything_else_is_written_again(settings):
+    """Storing a plain 8-bit RGB PNG that needed no change as sent gives the pixels that writing it
+    again would; one with metadata, alpha, a palette, 16 bits, trailing bytes or a size to scale is
+    written again. Either way what is stored decodes to the normalised picture."""
+    from PIL import PngImagePlugin
+
+    settings.MAX_IMAGE_SIDE = 448
+    plain = media.png(64, 48)
+    checked = check_image(plain)
+    assert checked.normalised_png() == plain
+    assert _pixels(plain)[2] == checked.image.tobytes()
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Author", "somebody")
+    rewritten = {
+        "text metadata": media.encode(media.image(64, 48), "PNG", pnginfo=text),
+        "alpha": media.encode(media.image(64, 48, mode="RGBA"), "PNG"),
+        "palette": media.encode(media.image(64, 48).convert("P"), "PNG"),
+        "16 bits": media.encode(media.image(64, 48, mode="I;16"), "PNG"),
+        "bytes after the end": plain + b"trailing",
+        "to scale": media.png(600, 300),
+    }
+    for name, data in rewritten.items():
+        checked = check_image(data)
+        stored = checked.normalised_png()
+        assert stored != data, name
+        assert b"somebody" not in stored, name
+        assert _pixels(stored) == ("RGB", checked.image.size, checked.image.tobytes()), name
