@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from contextlib import contextmanager
 from datetime import UTC, timedelta
 
 import redis
@@ -296,33 +297,37 @@ def recover_lost_redis() -> dict:
     return {"keys_restored": keys, "redispatched": requeued}
 
 
-# The sweeper's lock lives this long unless its holder renews it (every third of it, while it
-# sweeps). It was 60 s with no renewal: a worker SIGKILLed mid-sweep (it sweeps every second) left
-# it held for a minute, and no query it had been running ended worker_lost meanwhile.
-SWEEPER_LOCK_SECONDS = 10.0
+# The lock of a periodic duty shared by the workers (the sweeper's, the pruner's) lives this long
+# unless its holder renews it (every third of it, while the duty runs). The sweeper's was 60 s with
+# no renewal: a worker SIGKILLed mid-sweep (it sweeps every second) left it held for a minute, and
+# no query it had been running ended worker_lost meanwhile; the pruner's, PRUNE_PASS_SECONDS + 120.
+DUTY_LOCK_SECONDS = 10.0
 
 
-def sweep_with_lock(publisher=None, **options) -> dict | None:
-    """Run the sweeper unless another worker is running it now. The lock is renewed while this
-    sweep runs, however long it takes, and lapses SWEEPER_LOCK_SECONDS after its holder died."""
+@contextmanager
+def duty_lock(name: str):
+    """Hold the Redis lock of the duty ``name`` while the block runs, however long it takes: the
+    block gets True, or False (holding nothing) when another worker holds it. A holder that died
+    keeps it at most DUTY_LOCK_SECONDS."""
     # thread_local=False: the renewing thread must see the token the acquiring thread got.
-    lock = client().lock(_key("sweeper"), timeout=SWEEPER_LOCK_SECONDS, blocking=False, thread_local=False)
+    lock = client().lock(_key(name), timeout=DUTY_LOCK_SECONDS, blocking=False, thread_local=False)
     if not lock.acquire(blocking=False):
-        return None
+        yield False
+        return
     done = threading.Event()
 
     def renew():
-        while not done.wait(SWEEPER_LOCK_SECONDS / 3):
+        while not done.wait(DUTY_LOCK_SECONDS / 3):
             try:
-                lock.extend(SWEEPER_LOCK_SECONDS, replace_ttl=True)
-            except redis.RedisError:  # lost it (Redis away, or expired: a LockError): the sweep ends anyway
-                logger.warning("could not renew the sweeper's lock", exc_info=True)
+                lock.extend(DUTY_LOCK_SECONDS, replace_ttl=True)
+            except redis.RedisError:  # lost it (Redis away, or expired: a LockError): the duty ends anyway
+                logger.warning("could not renew the %s's lock", name, exc_info=True)
                 return
 
-    renewer = threading.Thread(target=renew, name="sightline-sweeper-lock", daemon=True)
+    renewer = threading.Thread(target=renew, name=f"sightline-{name}-lock", daemon=True)
     renewer.start()
     try:
-        return sweep(publisher=publisher, **options)
+        yield True
     finally:
         done.set()
         renewer.join()
@@ -330,6 +335,12 @@ def sweep_with_lock(publisher=None, **options) -> dict | None:
             lock.release()
         except redis.RedisError:
             pass
+
+
+def sweep_with_lock(publisher=None, **options) -> dict | None:
+    """Run the sweeper unless another worker is running it now (``duty_lock``)."""
+    with duty_lock("sweeper") as held:
+        return sweep(publisher=publisher, **options) if held else None
 
 
 class HeartbeatThread(threading.Thread):
@@ -391,16 +402,8 @@ def prune_with_lock() -> dict | None:
 
     if settings.EMBEDDED:  # one process: nobody to share with
         return privacy.prune(seconds=settings.PRUNE_PASS_SECONDS)
-    lock = client().lock(_key("pruner"), timeout=settings.PRUNE_PASS_SECONDS + 120, blocking=False)
-    if not lock.acquire(blocking=False):
-        return None
-    try:
-        return privacy.prune(seconds=settings.PRUNE_PASS_SECONDS)
-    finally:
-        try:
-            lock.release()
-        except redis.RedisError:
-            pass
+    with duty_lock("pruner") as held:
+        return privacy.prune(seconds=settings.PRUNE_PASS_SECONDS) if held else None
 
 
 class PrunerThread(threading.Thread):
