@@ -120,6 +120,9 @@ class Subscription:
 # A signal no one takes (an async job, a client gone) expires after this long; a waiter that comes
 # later still finds it within that time, and after it the row says the query ended.
 FINISHED_SIGNAL_TTL_SECONDS = 600
+# A signal carrying the row lives this long only: its waiter is there already (it waits from the
+# dispatch on), and one that gave up (its request timed out) would leave the row in Redis longer.
+FINISHED_ROW_TTL_SECONDS = 60
 # What a signal carrying the row leaves out: the input (a metadata-mode query loses it when it
 # settles). Left out, these fields are deferred: read from the row if the waiter asks for them.
 ROW_LEFT_OUT = ("prompt", "messages", "client_ip", "user_agent")
@@ -180,9 +183,8 @@ class _RedisFinished:
 
     def send(self, query_id, row: Query | None = None) -> None:
         key = self._key(query_id)
-        element = 1 if row is None else row_payload(row)
-        pipe = redis_keys.client().pipeline(transaction=False)
-        pipe.rpush(key, element).expire(key, FINISHED_SIGNAL_TTL_SECONDS).execute()
+        element, ttl = (1, FINISHED_SIGNAL_TTL_SECONDS) if row is None else (row_payload(row), FINISHED_ROW_TTL_SECONDS)
+        redis_keys.client().pipeline(transaction=False).rpush(key, element).expire(key, ttl).execute()
 
     def wait(self, query_id, timeout: float) -> Finished | None:
         popped = redis_keys.client().blpop([self._key(query_id)], timeout=max(timeout, 0.001))

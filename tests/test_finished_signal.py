@@ -80,6 +80,11 @@ def test_a_signal_can_carry_the_row_as_written_with_its_input_deferred(backend, 
     )
     written = Query.objects.get(pk=query.pk)
     events.signal_finished(query.pk, row=written)
+    if backend == "redis":  # a row nobody takes (the request gave up) does not stay long
+        from config import redis as redis_keys
+
+        ttl = redis_keys.client().ttl(events._RedisFinished._key(query.pk))
+        assert 0 < ttl <= events.FINISHED_ROW_TTL_SECONDS < events.FINISHED_SIGNAL_TTL_SECONDS
     Query.objects.filter(pk=query.pk).update(prompt="")  # as a metadata-mode settlement blanks it
 
     finished = events.wait_finished(query.pk, 1.0)
