@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -377,3 +378,27 @@ def test_sigterm_with_requests_in_flight_answers_them_and_exits_within_the_grace
             time.sleep(0.5)
     finally:
         stack.stop()
+
+
+def test_a_burst_of_signals_still_shuts_the_server_down(tmp_path):
+    """Signals in quick succession (a second Ctrl-C, SIGTERM sent to the process and passed on by a
+    parent such as make) run the shutdown handler inside itself: it must not wait on a lock its
+    interrupted self holds (it did: the server never exited). Each burst of SIGTERMs ends it."""
+    for attempt in range(3):
+        (tmp_path / str(attempt)).mkdir()
+        stack = Stack(tmp_path / str(attempt), SHUTDOWN_GRACE_SECONDS="4")
+        stack.start_web()
+        try:
+            stack.wait_web()
+            process = stack.processes["web"]
+            for _ in range(2000):
+                try:
+                    os.kill(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    break
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the server did not exit after a burst of SIGTERMs:\n{stack.log('web')}")
+        finally:
+            stack.stop(grace=5)
