@@ -34,6 +34,25 @@ def redis_base_url() -> str:
     return os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
 
 
+@contextmanager
+def session_sweepers_kept_off(timeout: float = 30):
+    """Hold the sweeper lock of this session's stacks while the block runs. Their workers sweep the
+    test database every second (the session's live stack stays up between tests), and would end a
+    test's made-up ``running`` rows of dead workers before the test's own sweep: the lock keeps them
+    off as it keeps a second worker off (inference/workers.py, ``duty_lock``)."""
+    import redis
+
+    lock = redis.Redis.from_url(f"{redis_base_url()}/{REDIS_TEST_DB}").lock(
+        f"{SESSION_PREFIX}:sweeper", timeout=timeout + 60, thread_local=False
+    )
+    if not lock.acquire(blocking=True, blocking_timeout=timeout):
+        raise RuntimeError("a stack's sweeper held its lock for longer than a test may wait")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class Stack:
     """A web process and any number of workers sharing one queue, key prefix and Redis database."""
 

@@ -422,30 +422,32 @@ def test_sweeper_fails_queries_of_dead_workers(tenant, api_key, settings):
     from django.utils import timezone
 
     from inference import services, workers
-    from tests.stack import REDIS_TEST_DB, redis_base_url
+    from tests.stack import REDIS_TEST_DB, redis_base_url, session_sweepers_kept_off
 
     # The sweeper re-reads a worker's heartbeat in Redis before failing its query: a Redis of its own.
     settings.REDIS_URL = f"{redis_base_url()}/{REDIS_TEST_DB}"
     settings.REDIS_KEY_PREFIX = f"sweeper-test-{uuid.uuid4().hex[:8]}"
 
-    data = services.check_input(prompt="x", images=[media.png(8, 8)])
-    query = services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
-    Query.objects.filter(pk=query.pk).update(
-        status=Query.Status.RUNNING, worker="ghost@nowhere", started_at=timezone.now() - timedelta(minutes=5)
-    )
-    alive = services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
-    Query.objects.filter(pk=alive.pk).update(
-        status=Query.Status.RUNNING, worker="alive@here", started_at=timezone.now() - timedelta(minutes=5)
-    )
-    ended = workers.sweep(live_names={"alive@here"})
-    assert ended["worker_lost"] == 1
-    query.refresh_from_db()
-    assert (
-        query.status == Query.Status.FAILED
-        and query.error_code == "worker_lost"
-        and "ghost@nowhere" in query.error_message
-    )
-    assert Query.objects.get(pk=alive.pk).status == Query.Status.RUNNING
+    with session_sweepers_kept_off():  # the live stack's worker would sweep these rows first
+        data = services.check_input(prompt="x", images=[media.png(8, 8)])
+        query = services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
+        Query.objects.filter(pk=query.pk).update(
+            status=Query.Status.RUNNING, worker="ghost@nowhere", started_at=timezone.now() - timedelta(minutes=5)
+        )
+        alive = services.accept(api_key[0], data, endpoint=Query.Endpoint.QUERIES)
+        Query.objects.filter(pk=alive.pk).update(
+            status=Query.Status.RUNNING, worker="alive@here", started_at=timezone.now() - timedelta(minutes=5)
+        )
+        ended = workers.sweep(live_names={"alive@here"})
+        assert ended["worker_lost"] == 1
+        query.refresh_from_db()
+        assert (
+            query.status == Query.Status.FAILED
+            and query.error_code == "worker_lost"
+            and "ghost@nowhere" in query.error_message
+        )
+        assert Query.objects.get(pk=alive.pk).status == Query.Status.RUNNING
+        Query.objects.filter(pk=alive.pk).delete()  # no stack's sweeper finds it after the lock
 
 
 def test_websocket_from_a_foreign_web_page_is_refused(live_stack, key):
