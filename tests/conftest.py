@@ -5,6 +5,7 @@ never what the answer says."""
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,29 @@ def _no_pruner():
     with override_settings(PRUNE_INTERVAL_SECONDS=0):
         assert settings.PRUNE_INTERVAL_SECONDS == 0
         yield
+
+
+@pytest.fixture(autouse=True)
+def _embedded_work_done_before_the_flush(request, _django_db_marker):
+    """After a test with committed rows, wait (bounded) until this process's embedded worker has
+    ended the queries it took: an async job a test sent and did not wait for would otherwise be
+    written while pytest-django empties the database (a settlement deadlocked the TRUNCATE once).
+    Set up after pytest-django's database fixture, so it is torn down before the flush."""
+    yield
+    marker = request.node.get_closest_marker("django_db")
+    if not marker or not (marker.kwargs.get("transaction") or (marker.args and marker.args[0])):
+        return
+    from inference import dispatch
+
+    embedded = dispatch._dispatchers.get("embedded")
+    if embedded is None:
+        return
+    deadline = time.monotonic() + 120
+    idle_checks = 0
+    while idle_checks < 2 and time.monotonic() < deadline:  # twice: a query between queue and thread
+        idle = embedded._queue.empty() and embedded._holding == 0
+        idle_checks = idle_checks + 1 if idle else 0
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session", autouse=True)
