@@ -486,10 +486,8 @@ def run_sync(query: Query, timeout: float | None = None) -> Query:
     """
     timeout = settings.SYNC_TIMEOUT if timeout is None else timeout
     dispatch(query, stream=False)
-    if connection.vendor != "sqlite" and not connection.in_atomic_block:
-        # Give the connection back (to the pool; or free a server backend) while waiting. SQLite's
-        # is a file handle in this process: closing it would only cost a reopen for the read below.
-        connection.close()
+    if not connection.in_atomic_block:
+        connection.close()  # give the connection back to its pool while waiting (config/sqlite_pool for SQLite)
     finished = wait_finished(query.pk, timeout)
     if finished is None:
         raise ApiError(
